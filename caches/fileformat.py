@@ -1,0 +1,188 @@
+"""Low-level reading and writing of a `.safetensors` file with a payload checksum.
+
+The file is a standard safetensors file (8-byte little-endian header length, JSON header, tensor bytes), so the
+`safetensors` library and any other reader open it. We write and read it ourselves for three reasons: the CRC-32 of
+the tensor payload is stored in the header and computed while the bytes stream past (no second pass); the write is
+atomic (temporary file in the same folder, fsync, rename); and every way a header can be wrong becomes a
+`CacheFileError` naming the problem, never a crash deep inside a parser.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from portable.errors import CacheFileError
+
+CHECKSUM_KEY = "payload_crc32"
+MAX_HEADER_BYTES = 100 * 2**20
+_CHUNK = 16 * 2**20
+
+DTYPE_CODES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+
+
+def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
+    """Write `tensors` and string `metadata` to `path` atomically; returns the file size in bytes.
+
+    The payload CRC-32 is added to the metadata under `payload_crc32`. Tensors are written in the given order.
+    """
+    views, header, offset, crc = {}, {}, 0, 0
+    # Widest dtypes first: every tensor then starts at a multiple of its own element size, so a reader can view the
+    # bytes in place without copying (safetensors allows no gaps between tensors to align them otherwise).
+    for name, t in sorted(tensors.items(), key=lambda item: -item[1].element_size()):
+        if t.dtype not in DTYPE_CODES:
+            raise ValueError(f"cannot store dtype {t.dtype} ({name})")
+        views[name] = _as_bytes(t)
+        header[name] = {"dtype": DTYPE_CODES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(views[name])]}
+        offset += len(views[name])
+        crc = zlib.crc32(views[name], crc)
+    header["__metadata__"] = {**metadata, CHECKSUM_KEY: f"{crc:08x}"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the payload to 8 bytes
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb", buffering=0) as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for view in views.values():
+                f.write(view)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return 8 + len(raw) + offset
+
+
+def read_header(path: Path) -> tuple[dict, int, int]:
+    """Parse and check the header of `path`: returns (header, payload start, file size)."""
+    path = Path(path)
+    if not path.exists():
+        raise CacheFileError(f"cache file {path} does not exist")
+    if path.is_dir():
+        raise CacheFileError(f"cache file {path} is a directory")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CacheFileError(f"{path} is not a cache file: {size} bytes is too short for a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or n > size - 8:
+                what = "truncated" if n <= MAX_HEADER_BYTES else "not a safetensors file"
+                raise CacheFileError(f"{path} is {what}: its header claims {n} bytes but the file has {size}")
+            raw = f.read(n)
+    except OSError as e:
+        raise CacheFileError(f"cannot read cache file {path}: {e.strerror or e}") from e
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CacheFileError(f"{path} has a corrupt header (not valid JSON: {e})") from e
+    if not isinstance(header, dict):
+        raise CacheFileError(f"{path} has a corrupt header (not a JSON object)")
+    _check_entries(path, header, size - 8 - n)
+    return header, 8 + n, size
+
+
+def _check_entries(path: Path, header: dict, payload_size: int) -> None:
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CacheFileError(f"{path} has a corrupt header (metadata must map strings to strings)")
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = CODE_DTYPES[entry["dtype"]]
+            shape = [int(s) for s in entry["shape"]]
+            start, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CacheFileError(f"{path} has a corrupt header entry for tensor {name!r}: {entry!r}") from e
+        numel = 1
+        for s in shape:
+            if s < 0:
+                raise CacheFileError(f"{path}: tensor {name!r} has a negative dimension {shape}")
+            numel *= s
+        if end - start != numel * dtype.itemsize or start < 0:
+            raise CacheFileError(f"{path}: tensor {name!r} of shape {shape} ({entry['dtype']}) does not fit its "
+                                 f"byte range {start}..{end}")
+        if end > payload_size:
+            raise CacheFileError(f"{path} is truncated: tensor {name!r} ends at byte {end} of the payload but the "
+                                 f"payload has only {payload_size}")
+        spans.append((start, end, name))
+    spans.sort()
+    previous_end, previous_name = 0, None
+    for s, e, name in spans:
+        if s != previous_end:
+            what = "overlap" if s < previous_end else "leave a gap"
+            raise CacheFileError(f"{path} has a corrupt header: tensors {previous_name!r} and {name!r} {what}")
+        previous_end, previous_name = e, name
+    if previous_end != payload_size:
+        raise CacheFileError(f"{path} has {payload_size - previous_end} unexpected bytes after its last tensor")
+
+
+def read(path: Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read every tensor of `path` into memory (one sequential read) and check the payload CRC-32.
+
+    The CRC runs in a second thread on each chunk as soon as it has been read, so checking costs little beyond the
+    read itself (zlib releases the GIL).
+    """
+    header, start, size = read_header(path)
+    meta = header.get("__metadata__", {})
+    buf = torch.empty(size - start, dtype=torch.uint8)  # uninitialised: the read fills it
+    view = memoryview(buf.numpy())
+    crc, pending = 0, None
+    with open(path, "rb") as f, ThreadPoolExecutor(max_workers=1) as pool:
+        f.seek(start)
+        pos = 0
+        while pos < len(buf):
+            n = f.readinto(view[pos:pos + _CHUNK])
+            if not n:
+                raise CacheFileError(f"{path} is truncated: read {pos} of {len(buf)} payload bytes")
+            if verify:
+                crc = pending.result() if pending else crc
+                pending = pool.submit(zlib.crc32, view[pos:pos + n], crc)
+            pos += n
+        if verify:
+            crc = pending.result() if pending else crc
+    if verify:
+        expected = meta.get(CHECKSUM_KEY)
+        if expected is None:
+            raise CacheFileError(f"{path} has no payload checksum ({CHECKSUM_KEY}); it was not written by portable")
+        if f"{crc:08x}" != expected:
+            raise CacheFileError(f"{path} is corrupt: payload checksum {crc:08x} does not match the recorded "
+                                 f"{expected} (the file was modified or damaged after it was written)")
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        s, e = entry["data_offsets"]
+        dtype = CODE_DTYPES[entry["dtype"]]
+        raw = buf[s:e]
+        if s % dtype.itemsize:  # written by another tool without alignment: copy instead of viewing in place
+            raw = raw.clone()
+        tensors[name] = raw.view(dtype).reshape(entry["shape"])
+    return tensors, meta

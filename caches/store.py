@@ -1,0 +1,248 @@
+"""Saving and loading prompt caches: the file contract.
+
+One `.safetensors` file. Tensor names (stable; documented in caches/README.md):
+
+    input_ids                  [batch, seq]        int64    prompt token ids, padded on `padding_side`
+    attention_mask             [batch, seq]        int64    1 for real tokens, 0 for padding
+    next_token_logits          [batch, vocab]      float32  logits after the prompt (pick the first new token)
+    layers.{i}.keys            [batch, kv_heads, seq, head_dim]   attention layers (seq = kept positions)
+    layers.{i}.values          [batch, kv_heads, seq, head_dim]
+    layers.{i}.keys_scale      [batch, kv_heads, seq, 1] float32  only with int8 storage
+    layers.{i}.values_scale    [batch, kv_heads, seq, 1] float32  only with int8 storage
+    layers.{i}.conv_state      [batch, channels, conv_kernel]     recurrent layers
+    layers.{i}.recurrent_state [batch, channels, state_size]      recurrent layers
+
+The safetensors metadata holds `portable` (a JSON document, below) and `payload_crc32`. Loading checks, in order:
+the header parses and its byte ranges fit the file; the metadata says this is a portable cache of a known format
+version (older versions go through `MIGRATIONS`, newer ones are refused naming both versions); the payload
+checksum; every tensor the metadata promises is present with a consistent shape. Any failure is a
+`CacheFileError` with one line saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from caches import fileformat, quant
+from caches.container import PromptCache
+from caches.layers import KV_LAYOUT, LAYER_KINDS, AttentionLayer
+from portable import __version__
+from portable.errors import CacheFileError
+
+FORMAT_NAME = "portable-kv-cache"
+FORMAT_VERSION = 1
+META_KEY = "portable"
+STORAGE = {"native": "native", "int8": "int8-per-token"}
+
+# MIGRATIONS[v] turns (metadata, tensors) of format version v into version v + 1. Version 1 is the first format;
+# when the layout changes, bump FORMAT_VERSION and add the step from the old version here.
+Migration = Callable[[dict, dict[str, torch.Tensor]], tuple[dict, dict[str, torch.Tensor]]]
+MIGRATIONS: dict[int, Migration] = {}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def save_cache(cache: PromptCache, path: Path, storage: str = "native") -> dict:
+    """Write `cache` to `path` atomically. `storage="int8"` stores attention keys/values as int8 with per-token
+    scales (about 4x smaller than fp32). Returns {"bytes", "seconds", "path"}."""
+    if storage not in STORAGE:
+        raise CacheFileError(f"unknown cache storage {storage!r}; choose from {', '.join(STORAGE)}")
+    if cache.padding_side != "left":
+        raise ValueError("caches are written left padded; convert before saving")
+    start = time.perf_counter()
+    tensors: dict[str, torch.Tensor] = {
+        "input_ids": cache.input_ids.to(torch.int64),
+        "attention_mask": cache.attention_mask.to(torch.int64),
+        "next_token_logits": cache.next_token_logits.to(torch.float32),
+    }
+    for i, layer in enumerate(cache.layers):
+        for name, t in layer.tensors().items():
+            if storage == "int8" and isinstance(layer, AttentionLayer):
+                q, scale = quant.quantize_per_token(t)
+                tensors[f"layers.{i}.{name}"] = q
+                tensors[f"layers.{i}.{name}_scale"] = scale
+            else:
+                tensors[f"layers.{i}.{name}"] = t
+    meta = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "portable_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": cache.model,
+        "layout": KV_LAYOUT,
+        "dtype": _dtype_name(cache.dtype),
+        "storage": STORAGE[storage],
+        "batch": cache.batch,
+        "seq_len": cache.seen_tokens,
+        "padding_side": cache.padding_side,
+        "pad_token_id": cache.pad_token_id,
+        "prompt_lengths": cache.prompt_lengths,
+        "positions": cache.positions.tolist(),
+        "layers": [layer.meta() for layer in cache.layers],
+        "prefill": cache.prefill,
+    }
+    nbytes = fileformat.write(Path(path), tensors, {"format": "pt", META_KEY: json.dumps(meta)})
+    return {"path": str(path), "bytes": nbytes, "seconds": time.perf_counter() - start}
+
+
+def read_metadata(path: Path) -> dict:
+    """The `portable` metadata of a cache file, after checking the header and the format version (no payload read)."""
+    header, _, size = fileformat.read_header(path)
+    meta = _parse_meta(Path(path), header.get("__metadata__", {}))
+    meta["_file_bytes"] = size
+    meta["_tensors"] = {k: v for k, v in header.items() if k != "__metadata__"}
+    return meta
+
+
+def _parse_meta(path: Path, raw: dict) -> dict:
+    if META_KEY not in raw:
+        raise CacheFileError(f"{path} is a safetensors file but not a portable cache (no '{META_KEY}' metadata)")
+    try:
+        meta = json.loads(raw[META_KEY])
+    except json.JSONDecodeError as e:
+        raise CacheFileError(f"{path} has corrupt cache metadata (not valid JSON: {e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise CacheFileError(f"{path} is not a portable cache (format is {meta.get('format') if isinstance(meta, dict) else None!r})")
+    version = meta.get("version")
+    if not isinstance(version, int):
+        raise CacheFileError(f"{path} has no valid format version")
+    if version > FORMAT_VERSION:
+        raise CacheFileError(f"{path} uses cache format version {version}, newer than the version {FORMAT_VERSION} "
+                             f"this portable {__version__} reads; upgrade portable")
+    return meta
+
+
+def _migrate(path: Path, meta: dict, tensors: dict) -> tuple[dict, dict]:
+    version = meta["version"]
+    while version < FORMAT_VERSION:
+        step = MIGRATIONS.get(version)
+        if step is None:
+            raise CacheFileError(f"{path} uses cache format version {version}, which this portable (format version "
+                                 f"{FORMAT_VERSION}) cannot migrate; prefill the prompt again")
+        meta, tensors = step(meta, tensors)
+        version += 1
+        meta["version"] = version
+    return meta, tensors
+
+
+def _require(path: Path, tensors: dict, name: str, ndim: int) -> torch.Tensor:
+    if name not in tensors:
+        raise CacheFileError(f"{path} is missing tensor {name!r}")
+    t = tensors[name]
+    if t.ndim != ndim:
+        raise CacheFileError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {ndim} dimensions")
+    return t
+
+
+def load_cache(path: Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+               verify: bool = True) -> PromptCache:
+    """Read, check and (optionally) cast and move a cache file. `cache.file_info` reports what happened."""
+    path = Path(path)
+    start = time.perf_counter()
+    header, _, _ = fileformat.read_header(path)
+    _parse_meta(path, header.get("__metadata__", {}))  # is it a cache of a readable version, before reading it all
+    tensors, raw_meta = fileformat.read(path, verify=verify)
+    meta = _parse_meta(path, raw_meta)
+    original_version = meta["version"]
+    meta, tensors = _migrate(path, meta, tensors)
+    read_s = time.perf_counter() - start
+
+    try:
+        batch, seq = int(meta["batch"]), int(meta["seq_len"])
+        layer_meta = list(meta["layers"])
+        padding_side = meta.get("padding_side", "left")
+        storage = meta.get("storage", "native")
+        model = dict(meta["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CacheFileError(f"{path} has incomplete cache metadata (missing {e})") from e
+    if storage not in STORAGE.values():
+        raise CacheFileError(f"{path} uses unknown storage {storage!r}")
+
+    input_ids = _require(path, tensors, "input_ids", 2)
+    mask = _require(path, tensors, "attention_mask", 2)
+    logits = _require(path, tensors, "next_token_logits", 2)
+    if tuple(input_ids.shape) != (batch, seq) or tuple(mask.shape) != (batch, seq) or logits.shape[0] != batch:
+        raise CacheFileError(f"{path}: input_ids {tuple(input_ids.shape)}, attention_mask {tuple(mask.shape)} and "
+                             f"next_token_logits {tuple(logits.shape)} do not match batch {batch} x {seq} tokens")
+
+    layers = []
+    for i, lm in enumerate(layer_meta):
+        cls = LAYER_KINDS.get(lm.get("kind") if isinstance(lm, dict) else None)
+        if cls is None:
+            raise CacheFileError(f"{path}: layer {i} has unknown kind {lm!r}; known kinds: {', '.join(LAYER_KINDS)}")
+        parts = {}
+        for name in cls.tensor_names:
+            key = f"layers.{i}.{name}"
+            t = _require(path, tensors, key, 4 if issubclass(cls, AttentionLayer) else 3)
+            if storage == STORAGE["int8"] and issubclass(cls, AttentionLayer):
+                scale = _require(path, tensors, f"{key}_scale", 4)
+                if t.dtype != torch.int8 or scale.shape != (*t.shape[:-1], 1):
+                    raise CacheFileError(f"{path}: {key} is not int8 with per-token scales {tuple(t.shape[:-1])}+(1,)")
+                t = quant.dequantize_per_token(t, scale)
+            parts[name] = t
+        layer = cls.from_file(parts, lm)
+        layer.validate(i, batch, seq)
+        layers.append(layer)
+    expected = {"input_ids", "attention_mask", "next_token_logits"} | {
+        f"layers.{i}.{n}{suffix}" for i, layer in enumerate(layers) for n in layer.tensor_names
+        for suffix in (("", "_scale") if storage == STORAGE["int8"] and isinstance(layer, AttentionLayer) else ("",))}
+    unexpected = sorted(set(tensors) - expected)
+    if unexpected:
+        raise CacheFileError(f"{path} holds tensors its metadata does not describe: {', '.join(unexpected[:5])}")
+
+    cache = PromptCache(input_ids=input_ids.to(torch.int64), attention_mask=mask.to(torch.int64),
+                        next_token_logits=logits.to(torch.float32), layers=layers, model=model,
+                        pad_token_id=int(meta.get("pad_token_id", 0)), prefill=meta.get("prefill", {}),
+                        padding_side=padding_side)
+    if padding_side == "right":
+        cache = right_to_left_padding(cache, path)
+    elif padding_side != "left":
+        raise CacheFileError(f"{path}: unknown padding side {padding_side!r}")
+
+    stored = meta.get("dtype", _dtype_name(cache.dtype))
+    cast = None
+    if dtype is not None and layers and cache.dtype != dtype:
+        cast = f"{stored} -> {_dtype_name(dtype)}"
+    elif storage != STORAGE["native"]:
+        cast = f"{storage} -> {_dtype_name(dtype or torch.float32)}"
+    if dtype is not None or device is not None:
+        cache = cache.to(device=device, dtype=dtype)
+    cache.file_info = {
+        "path": str(path), "bytes": meta.get("_file_bytes", path.stat().st_size), "format_version": FORMAT_VERSION,
+        "file_format_version": original_version, "created": meta.get("created"),
+        "portable_version": meta.get("portable_version"), "storage": storage, "stored_dtype": stored,
+        "cast": cast, "checksum_verified": verify, "payload_crc32": raw_meta.get(fileformat.CHECKSUM_KEY), "read_s": read_s, "load_s": time.perf_counter() - start,
+    }
+    return cache
+
+
+def right_to_left_padding(cache: PromptCache, path: Path) -> PromptCache:
+    """Turn a right-padded cache into the left-padded one decode expects, by rotating each row's slots.
+
+    Valid for full-attention layers only: attention ignores slot order (the positions live in the rotated keys) but a
+    sliding window keeps the last slots and a recurrent state has already run over the padding.
+    """
+    if any(layer.kind != AttentionLayer.kind for layer in cache.layers):
+        raise CacheFileError(f"{path} is right padded, which is only supported for full-attention layers "
+                             f"(this cache has {sorted(set(cache.kinds()))}); prefill it with left padding")
+    lengths = cache.prompt_lengths
+    seq = cache.seen_tokens
+
+    def roll_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
+        return torch.stack([row.roll(seq - n, dims=dim - 1) for row, n in zip(t, lengths)])
+
+    for b, n in enumerate(lengths):
+        if cache.attention_mask[b, :n].sum() != n:
+            raise CacheFileError(f"{path} says right padded but row {b} of its attention mask is not")
+    layers = [layer.map_tensors(lambda t: roll_rows(t, 2)) for layer in cache.layers]
+    return PromptCache(input_ids=roll_rows(cache.input_ids, 1), attention_mask=roll_rows(cache.attention_mask, 1),
+                       next_token_logits=cache.next_token_logits, layers=layers, model=cache.model,
+                       pad_token_id=cache.pad_token_id, prefill=cache.prefill, padding_side="left")
