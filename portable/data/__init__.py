@@ -1,0 +1,1 @@
+"""Data shipped inside the package: the embedded default model (default_model/)."""
