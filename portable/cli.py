@@ -1,0 +1,227 @@
+"""The command line: `portable prefill | decode | reference | parity | export | bench | cache inspect`.
+
+`python prefill.py` and `python decode.py` are this app's `prefill` and `decode` commands. Options shared by several
+commands are defined once below as `Annotated` aliases; every command builds one `RunConfig` and hands it to the
+core. User errors (`PortableError`) print one line and exit 2; anything else prints one line and exits 1; `--debug`
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from portable.cli_options import (ArtifactDir, Attn, Backend, CachePath, Debug, Device, IgnoreEos, JsonOut,
+                                  Kernels, MaxNew, Model, OrtProvider, Precision, Quiet, Rebuild, RepPenalty, Seed,
+                                  Stop, Temperature, TopK, TopP, check_choice, command, read_prompts)
+from portable.config import ATTENTION, CACHE_STORAGE, DEFAULT_CACHE, KERNELS, RunConfig, SamplingConfig
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Prefill once, decode anywhere: KV-cache files, parity verdicts, honest benchmarks.")
+cache_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                        help="Look inside cache files.")
+app.add_typer(cache_app, name="cache")
+
+@app.command()
+@command
+def prefill(
+    model: Model = None,
+    prompt: Annotated[Optional[list[str]], typer.Option(
+        "--prompt", help="Prompt text ('-' reads stdin; '\\n' is a newline); repeat for a batch of prompts.")] = None,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Repeat the prompt this many times.")] = 1,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The cache file to write.")] = DEFAULT_CACHE,
+    backend: Backend = "cpu",
+    precision: Precision = "fp32",
+    device: Device = None,
+    attn: Attn = "sdpa",
+    cache_storage: Annotated[str, typer.Option(
+        "--cache-storage", help="native, or int8 (keys/values with per-token scales: ~4x smaller than fp32).")] = "native",
+    json_path: JsonOut = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+):
+    """Run the prompt through the model once and save its KV cache to a file.
+
+    Timed region: the forward pass over the padded batch (tokenization and saving excluded).
+    """
+    from portable import pipeline
+    from portable.report import megabytes, write_json
+
+    config = RunConfig(model=model, prompts=read_prompts(prompt), batch=batch, cache_path=out, backend=backend,
+                       precision=precision, device=device, attn=check_choice(attn, ATTENTION, "attention"),
+                       cache_storage=check_choice(cache_storage, CACHE_STORAGE, "cache storage"), quiet=quiet)
+    report = pipeline.prefill(config)
+    c = report.cache
+    typer.echo(f"Saved KV cache to {c['path']} ({report.batch} x {c['seq_len']} tokens, {c['layers']} layers "
+               f"{'+'.join(c['kinds'])}, {c['dtype']}{', int8 storage' if c['storage'] == 'int8' else ''}, "
+               f"{megabytes(c['bytes'])}) in {report.timing.cache_save_s:.2f} s")
+    if not quiet:
+        typer.echo(f"Prefill ({report.backend} {report.precision}): {report.timing.prefill.line()}")
+    if json_path:
+        write_json(report, json_path)
+
+
+@app.command()
+@command
+def decode(
+    cache: CachePath = DEFAULT_CACHE,
+    model: Model = None,
+    backend: Backend = "cpu",
+    precision: Precision = "fp32",
+    device: Device = None,
+    attn: Attn = "sdpa",
+    kernels: Kernels = "triton",
+    max_new_tokens: MaxNew = 64,
+    stop: Stop = None,
+    ignore_eos: IgnoreEos = False,
+    temperature: Temperature = 0.0,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    repetition_penalty: RepPenalty = 1.0,
+    seed: Seed = 0,
+    parity: Annotated[bool, typer.Option(
+        "--parity/--no-parity", help="Compare with CPU FP32 decoding of the same cache file.")] = True,
+    reference: Annotated[Optional[Path], typer.Option(
+        "--reference", help="A reference file from `portable reference` instead of decoding on CPU here.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Decode a cache made with different weights or tokenizer than the loaded model.")] = False,
+    compile: Annotated[bool, typer.Option(
+        "--compile/--no-compile", help="GPU backends: capture the decode step as a graph.")] = True,
+    sync_every: Annotated[int, typer.Option(
+        "--sync-every", min=1, help="GPU backends: read tokens back to the host every N steps.")] = 1,
+    ort_provider: OrtProvider = None,
+    rebuild: Rebuild = False,
+    artifact_dir: ArtifactDir = None,
+    json_path: JsonOut = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+):
+    """Load a cache file, decode token by token on a backend, print the parity verdict and the metrics.
+
+    Timed region: each decode step (forward + token choice); tokenization, text streaming and the parity
+    comparison are excluded.
+    """
+    from portable import pipeline
+    from portable.report import megabytes, write_json
+    from portable.streaming import TextStreamer
+
+    config = RunConfig(
+        model=model, cache_path=cache, backend=backend, precision=precision, device=device,
+        attn=check_choice(attn, ATTENTION, "attention"), kernels=check_choice(kernels, KERNELS, "kernels"),
+        max_new_tokens=max_new_tokens, stop=tuple(stop or ()), ignore_eos=ignore_eos,
+        sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty, seed=seed),
+        parity=parity, reference_path=reference, force=force, compile=compile, sync_every=sync_every,
+        ort_provider=ort_provider, rebuild=rebuild, artifact_dir=artifact_dir, json_path=json_path, quiet=quiet)
+
+    streamer = None
+
+    def on_ready(runner):
+        nonlocal streamer
+        if not quiet and runner.tokenizer is not None:
+            streamer = TextStreamer(lambda ids: runner.tokenizer.decode(ids, skip_special_tokens=True),
+                                    config.stop)
+
+    def on_tokens(step, tokens):
+        if streamer is not None and len(tokens) == 1:
+            streamer.push(tokens[0])
+
+    report = pipeline.decode(config, on_tokens=on_tokens, on_ready=on_ready)
+    if streamer is not None:
+        if report.batch == 1:
+            streamer.end()
+        else:
+            for b, text in enumerate(report.text):
+                typer.echo(f"--- sequence {b} ({report.new_tokens[b]} tokens, {report.finish_reasons[b]})")
+                typer.echo(text)
+    for warning in report.cache.get("warnings", []):
+        typer.echo(f"warning: {warning}", err=True)
+    t = report.timing
+    typer.echo(report.parity.line())
+    if t.decode is not None:
+        typer.echo(f"Decode ({report.backend} {report.precision}, {report.backend_details.get('device_name')}): "
+                   f"{t.decode.line()}")
+    if not quiet:
+        if t.prefill is not None:
+            made = report.cache["made_by"]
+            typer.echo(f"Prefill (from the cache file; {made.get('backend')} {made.get('precision')}): "
+                       f"{t.prefill.line()}")
+        extra = "".join(f" | {name} {value:.2f} s" for name, value in (
+            ("compile", t.compile_s), ("artifact save", t.save_s), ("artifact load", t.load_s)) if value is not None)
+        cast = f" (cast {report.cache['cast']})" if report.cache.get("cast") else ""
+        typer.echo(f"KV cache {megabytes(report.kv_cache_bytes)}{cast} | peak memory "
+                   f"{megabytes(report.peak_memory_bytes)} | model load {t.model_load_s:.2f} s | cache load "
+                   f"{t.cache_load_s:.3f} s{extra}")
+        _print_parity_details(report.parity)
+    if json_path:
+        write_json(report, json_path)
+
+
+def _print_parity_details(result) -> None:
+    if result.verdict in ("skipped",) or result.top1_agreement is None:
+        return
+    typer.echo(f"Teacher-forced: top-1 agreement {result.top1_agreement:.1f}% | KL mean {result.kl_mean:.3g} "
+               f"p95 {result.kl_p95:.3g} max {result.kl_max:.3g} | max |dlogit| {result.max_abs_logit_diff:.3g}"
+               + (f" | tolerance {result.tolerance:.3g}" if result.tolerance is not None else ""))
+    for m in result.mismatches[:10]:
+        typer.echo(f"  mismatch seq {m.sequence} step {m.step}: reference {m.reference_token} {m.reference_text!r} "
+                   f"vs {m.candidate_token} {m.candidate_text!r} at reference margin {m.reference_margin:.4g}")
+    if len(result.mismatches) > 10:
+        typer.echo(f"  ... {len(result.mismatches) - 10} more mismatches in the JSON report")
+
+
+@app.command()
+@command
+def reference(
+    cache: CachePath = DEFAULT_CACHE,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The reference file to write.")] = Path(
+        "reference.safetensors"),
+    model: Model = None,
+    max_new_tokens: MaxNew = 64,
+    stop: Stop = None,
+    ignore_eos: IgnoreEos = False,
+    temperature: Temperature = 0.0,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    repetition_penalty: RepPenalty = 1.0,
+    seed: Seed = 0,
+    debug: Debug = False,
+):
+    """Decode a cache file once on CPU in FP32 and save the tokens and logits as a parity reference.
+
+    `portable decode --reference FILE` then compares against it without decoding on the CPU again.
+    """
+    from caches import load_cache
+    from portable import models, pipeline
+    from portable.report import megabytes
+
+    config = RunConfig(model=model, cache_path=cache, max_new_tokens=max_new_tokens, stop=tuple(stop or ()),
+                       ignore_eos=ignore_eos, sampling=SamplingConfig(temperature=temperature, top_k=top_k,
+                                                                      top_p=top_p,
+                                                                      repetition_penalty=repetition_penalty,
+                                                                      seed=seed))
+    cache_cpu = load_cache(cache)
+    source = models.resolve(model or cache_cpu.model.get("source"))
+    ref = pipeline.reference_decode(cache_cpu, source, config, cache_cpu.file_info.get("payload_crc32"))
+    ref.save(out)
+    typer.echo(f"Saved CPU FP32 reference to {out} ({cache_cpu.batch} sequences, "
+               f"{sum(len(t) for t in ref.tokens)} tokens, {megabytes(out.stat().st_size)})")
+
+
+@cache_app.command("inspect")
+@command
+def cache_inspect(
+    path: Annotated[Path, typer.Argument(help="A cache file.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the metadata as JSON.")] = False,
+    debug: Debug = False,
+):
+    """Print a readable summary of a cache file (the payload checksum is verified too)."""
+    from caches.inspect import summary
+
+    typer.echo(summary(path, as_json=json_out))
+
+
+def main(argv: list[str] | None = None, prog_name: str = "portable") -> None:
+    app(args=argv, prog_name=prog_name)

@@ -1,0 +1,87 @@
+"""Command-line building blocks shared by every command: option aliases (defined once) and the error wrapper.
+
+Commands live in `portable/cli.py` and, for the larger ones, in their own modules (`portable/bench/cli.py`, ...),
+all registered on the one typer app in `portable/cli.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from portable.config import ATTENTION, DEFAULT_PROMPT, KERNELS
+from portable.errors import PortableError
+
+BACKEND_NAMES = ("cpu", "cuda", "rocm", "onnxruntime")  # backends.BACKENDS, without importing torch for --help
+
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")]
+Model = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="'default' (the embedded model), a local Hugging Face folder, a hub id, or preset:NAME.")]
+Backend = Annotated[str, typer.Option("--backend", "-b", help=f"One of: {', '.join(BACKEND_NAMES)}.")]
+Precision = Annotated[str, typer.Option("--precision", "-p", help="fp32, fp16 or bf16 (int8 on onnxruntime).")]
+Device = Annotated[Optional[str], typer.Option("--device", help="Device index or name, e.g. cuda:1.")]
+Attn = Annotated[str, typer.Option("--attn", help=f"Attention implementation: {', '.join(ATTENTION)}.")]
+CachePath = Annotated[Path, typer.Option("--cache", "-c", help="The cache file written by prefill.")]
+MaxNew = Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="New tokens per sequence.")]
+Stop = Annotated[Optional[list[str]], typer.Option("--stop", help="A string that ends a sequence (repeatable).")]
+JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Write the full report as JSON to this file.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the result lines, no streamed text.")]
+Temperature = Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")]
+TopK = Annotated[int, typer.Option("--top-k", min=0, help="Keep the k most likely tokens (0 = off).")]
+TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling (1 = off).")]
+RepPenalty = Annotated[float, typer.Option("--repetition-penalty", min=0.0, help="1 = off.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of the host-side sampler.")]
+IgnoreEos = Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at the end-of-sequence token.")]
+Kernels = Annotated[str, typer.Option("--kernels", help=f"GPU backends: {' or '.join(KERNELS)} fused kernels.")]
+OrtProvider = Annotated[Optional[str], typer.Option(
+    "--ort-provider", help="onnxruntime: execution provider, e.g. CPU, CUDA, ROCm, MIGraphX.")]
+Rebuild = Annotated[bool, typer.Option("--rebuild", help="Build compiled artifacts again instead of reusing them.")]
+ArtifactDir = Annotated[Optional[Path], typer.Option("--artifact-dir", help="Where compiled artifacts are kept.")]
+
+
+def fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def command(fn):
+    """Turn exceptions into one-line errors (with the traceback under --debug)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except PortableError as e:
+            if debug:
+                traceback.print_exc()
+            fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except Exception as e:  # a bug or an unforeseen environment problem: still one line without --debug
+            if debug:
+                traceback.print_exc()
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            fail(f"unexpected {type(e).__name__}: {first} (run with --debug for the traceback)", 1)
+    return wrapper
+
+
+def check_choice(value: str, choices, what: str) -> str:
+    if value not in choices:
+        raise PortableError(f"unknown {what} {value!r}; choose from {', '.join(choices)}")
+    return value
+
+
+def read_prompts(prompts: list[str] | None) -> tuple[str, ...]:
+    if not prompts:
+        return (DEFAULT_PROMPT,)
+    out = []
+    for p in prompts:
+        out.append(sys.stdin.read() if p == "-" else p.replace("\\n", "\n").replace("\\t", "\t"))
+    return tuple(out)

@@ -1,0 +1,212 @@
+"""Finding, loading and fingerprinting models.
+
+`--model` takes `default` (the embedded model shipped in portable/data/default_model), a local Hugging Face folder,
+a hub id (resolved through the local Hugging Face cache, and downloaded only where the hub is reachable), or
+`preset:NAME` (a published config with random weights, for speed work; see portable/presets.py).
+
+A model's identity is recorded in every cache file so that decode can refuse a cache from another model. The
+fingerprint is cheap to recompute: the config plus each weight file's size, its safetensors header (names, shapes,
+dtypes) and 64 evenly spaced 4 KiB samples of its bytes. It tells apart different checkpoints and re-saved ones; it
+is not meant to catch a hand edit of a few weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from portable.errors import ModelLoadError
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "data" / "default_model"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_CONFIG_KEYS_IGNORED = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures",
+                        "use_cache", "output_attentions", "output_hidden_states", "attn_implementation"}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    spec: str  # as the user wrote it ("default" for the embedded model)
+    kind: str  # "embedded" | "local" | "hub" | "preset"
+    path: Path | None = None  # the local folder holding config and weights (None for presets)
+
+    @property
+    def display(self) -> str:
+        return "embedded default model" if self.kind == "embedded" else self.spec
+
+
+def resolve(spec: str | None) -> ModelSource:
+    """Turn a `--model` value into a local source, or fail with a message that says what to do."""
+    if spec in (None, "", "default"):
+        if not (DEFAULT_MODEL_DIR / "config.json").exists():
+            raise ModelLoadError(f"the embedded default model is missing from {DEFAULT_MODEL_DIR} (broken install?)")
+        return ModelSource("default", "embedded", DEFAULT_MODEL_DIR)
+    if spec.startswith("preset:"):
+        from portable import presets
+
+        presets.get(spec.removeprefix("preset:"))  # raises with the list of presets
+        return ModelSource(spec, "preset")
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return ModelSource(spec, "local", path.resolve())
+    if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1:
+        raise ModelLoadError(f"model folder {spec} does not exist")
+    return ModelSource(spec, "hub", _hub_snapshot(spec))
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass  # not in the local Hugging Face cache: try the hub below
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise ModelLoadError(f"{repo_id!r} is not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE "
+                             f"is set; download it where the hub is reachable and pass its folder with --model PATH")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10))
+    except RepositoryNotFoundError as e:
+        raise ModelLoadError(f"no model {repo_id!r} on the Hugging Face Hub (or it is private), and no local folder "
+                             f"of that name") from e
+    except Exception as e:
+        raise ModelLoadError(f"{repo_id!r} is not a local folder and the Hugging Face Hub could not be reached "
+                             f"({type(e).__name__}); this machine may be offline: download the model where the hub "
+                             f"is reachable and pass its folder with --model PATH") from e
+
+
+def _config_digest(path: Path) -> bytes:
+    config = json.loads((path / "config.json").read_text())
+    kept = {k: v for k, v in config.items() if k not in _CONFIG_KEYS_IGNORED}
+    return json.dumps(kept, sort_keys=True).encode()
+
+
+def _file_samples(file: Path, samples: int = 64, window: int = 4096) -> bytes:
+    size = file.stat().st_size
+    out = [str(size).encode()]
+    with open(file, "rb") as f:
+        if file.suffix == ".safetensors":
+            n = int.from_bytes(f.read(8), "little")
+            out.append(f.read(min(n, 2**24)))
+        for i in range(samples):
+            f.seek(max(0, (size - window) * i // max(1, samples - 1)))
+            out.append(f.read(window))
+    return b"".join(out)
+
+
+def fingerprint(path: Path) -> str:
+    """Config + sampled weight bytes of a model folder (see module docstring)."""
+    h = hashlib.sha256(_config_digest(path))
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    for file in weights:
+        h.update(file.name.encode())
+        h.update(_file_samples(file))
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def tokenizer_fingerprint(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    found = False
+    for name in _TOKENIZER_FILES:
+        file = path / name
+        if file.exists():
+            h.update(name.encode())
+            h.update(file.read_bytes())
+            found = True
+    return "sha256:" + h.hexdigest()[:32] if found else None
+
+
+def identity(source: ModelSource, config) -> dict:
+    """What a cache file records about the model that made it."""
+    if source.kind == "preset":
+        from portable import presets
+
+        fp = presets.fingerprint(source.spec.removeprefix("preset:"))
+        tok = None
+    else:
+        fp, tok = fingerprint(source.path), tokenizer_fingerprint(source.path)
+    text = config.get_text_config(decoder=True)
+    return {
+        "architecture": (config.architectures or [type(config).__name__])[0],
+        "model_type": config.model_type,
+        "source": source.spec,
+        "fingerprint": fp,
+        "tokenizer_fingerprint": tok,
+        "num_layers": text.num_hidden_layers,
+        "vocab_size": text.vocab_size,
+    }
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object | None  # a transformers tokenizer (presets: a byte tokenizer); None if the folder has none
+    config: object
+    identity: dict
+    load_s: float
+
+
+def load(source: ModelSource, precision: str = "fp32", device: str = "cpu", attn: str = "sdpa") -> LoadedModel:
+    """Load weights in `precision` onto `device` with the given attention implementation, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    start = time.perf_counter()
+    dtype = DTYPES[precision]
+    if source.kind == "preset":
+        from portable import presets
+
+        model = presets.build(source.spec.removeprefix("preset:"), dtype=dtype, device=device, attn=attn)
+        tokenizer = presets.ByteTokenizer()
+    else:
+        kwargs = {} if _attention_free(source.path) else {"attn_implementation": attn}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
+        except (OSError, ValueError, ImportError) as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelLoadError(f"cannot load {source.display} with attention {attn!r}: {first_line}") from e
+        model = model.to(device)
+        tokenizer = load_tokenizer(source)
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, config=model.config, identity=identity(source, model.config),
+                       load_s=time.perf_counter() - start)
+
+
+def _attention_free(path: Path) -> bool:
+    """Recurrent models (Mamba) take no attention implementation."""
+    from portable.architectures import ARCHITECTURES
+
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    return any(a.model_type == model_type and a.cache_kinds == ("recurrent",) for a in ARCHITECTURES.values())
+
+
+def quiet_transformers() -> None:
+    """No per-load progress bars or advisory warnings from transformers on our users' terminals."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    if tokenizer_fingerprint(source.path) is None and not (source.path / "tokenizer_config.json").exists():
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source.path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load the tokenizer of {source.display}: {e}") from e

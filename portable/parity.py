@@ -1,0 +1,300 @@
+"""Parity verdicts: is a candidate decode (another backend, precision or cache storage) right?
+
+The reference is CPU FP32 decoding from the same cache file, with the same sampling settings and seed. Three
+comparisons:
+
+1. Free running: the candidate's own tokens against the reference's; the first divergent step per sequence.
+2. Teacher forced: the candidate is fed the reference's tokens and its next-token distributions are compared at
+   every step: agreement of the picked token, KL(reference || candidate), max |delta logit|, and at every
+   disagreement the reference's *decision margin* (greedy: top-1 minus top-2 logit; sampled: how far the seeded
+   draw lay from the edge of the reference token's slice of the CDF, in probability).
+3. The verdict:
+   - `exact`: the free-running tokens are identical.
+   - fp32 candidates must be exact: anything else is `diverged`.
+   - `within-precision`: every teacher-forced disagreement sits at a reference margin below the tolerance tau.
+   - `diverged`: some disagreement sits where the reference was confident (margin >= tau): likely a bug.
+
+How tau is derived: the reference model itself (pristine Hugging Face weights and code, on the CPU) is run at the
+candidate's precision, teacher forced on the same tokens, and at every step we measure how far its decision margin
+moved from the FP32 one (greedy: |delta(top1 - top2)| on the reference's top two tokens; sampled: the largest
+|delta CDF|). tau = 3 x the 95th percentile of those errors: the margin flips this precision produces on this model
+and prompt without any bug. Because tau comes from the pristine model, a broken candidate cannot widen its own
+tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from caches import fileformat
+from portable.config import SamplingConfig
+from portable.errors import PortableError
+from portable.generation import DecodeResult
+from portable.sampling import Sampler
+
+REFERENCE_FORMAT = "portable-parity-reference"
+TOLERANCE_FACTOR = 3.0
+TOLERANCE_PERCENTILE = 95.0
+
+
+@dataclass
+class Reference:
+    """CPU FP32 decoding of one cache file: its tokens and the logits behind every pick."""
+
+    tokens: list[list[int]]
+    finish_reasons: list[str]
+    logits: torch.Tensor  # [batch, n, vocab] float32; position j of sequence b is valid for j < len(tokens[b])
+    sampling: dict
+    max_new_tokens: int
+    cache_checksum: str | None
+    model_fingerprint: str | None
+
+    def save(self, path: Path) -> None:
+        meta = {"format": REFERENCE_FORMAT, "version": 1, "tokens": self.tokens, "finish_reasons": self.finish_reasons,
+                "sampling": self.sampling, "max_new_tokens": self.max_new_tokens,
+                "cache_checksum": self.cache_checksum, "model_fingerprint": self.model_fingerprint}
+        fileformat.write(path, {"logits": self.logits.contiguous()}, {"portable": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: Path) -> "Reference":
+        try:
+            tensors, raw = fileformat.read(path)
+        except PortableError as e:
+            raise PortableError(f"reference file: {e}") from e
+        try:
+            meta = json.loads(raw["portable"])
+            if meta.get("format") != REFERENCE_FORMAT:
+                raise KeyError("format")
+            return cls(tokens=meta["tokens"], finish_reasons=meta["finish_reasons"], logits=tensors["logits"],
+                       sampling=meta["sampling"], max_new_tokens=meta["max_new_tokens"],
+                       cache_checksum=meta.get("cache_checksum"), model_fingerprint=meta.get("model_fingerprint"))
+        except (KeyError, json.JSONDecodeError) as e:
+            raise PortableError(f"{path} is not a parity reference written by `portable reference`") from e
+
+    def check_matches(self, cache_checksum: str | None, sampling: SamplingConfig, max_new_tokens: int) -> None:
+        if self.cache_checksum and cache_checksum and self.cache_checksum != cache_checksum:
+            raise PortableError("the reference file was computed from a different cache file")
+        if self.sampling != asdict(sampling):
+            raise PortableError(f"the reference file was decoded with sampling {self.sampling}, this run uses "
+                                f"{asdict(sampling)}")
+        if max_new_tokens > self.max_new_tokens:
+            raise PortableError(f"the reference file holds {self.max_new_tokens} new tokens; this run asks for "
+                                f"{max_new_tokens}")
+
+
+def reference_from(result: DecodeResult, sampling: SamplingConfig, max_new_tokens: int,
+                   cache_checksum: str | None, model_fingerprint: str | None) -> Reference:
+    assert result.logits is not None
+    return Reference(tokens=result.tokens, finish_reasons=result.finish_reasons, logits=result.logits,
+                     sampling=asdict(sampling), max_new_tokens=max_new_tokens, cache_checksum=cache_checksum,
+                     model_fingerprint=model_fingerprint)
+
+
+@dataclass
+class Mismatch:
+    sequence: int
+    step: int
+    reference_margin: float
+    reference_token: int
+    candidate_token: int
+    reference_text: str = ""
+    candidate_text: str = ""
+
+
+@dataclass
+class ParityResult:
+    reference: str = "cpu-fp32"
+    verdict: str = "skipped"  # exact | within-precision | diverged | skipped
+    reason: str = ""
+    first_divergence: list[int | None] | None = None  # per sequence; null when exact
+    matched_tokens: int = 0
+    compared_tokens: int = 0
+    top1_agreement: float | None = None  # percent of teacher-forced steps where the candidate picks the same token
+    kl_mean: float | None = None
+    kl_p95: float | None = None
+    kl_max: float | None = None
+    max_abs_logit_diff: float | None = None
+    tolerance: float | None = None
+    tolerance_rule: str | None = None
+    mismatches: list[Mismatch] = field(default_factory=list)
+    per_step: list[dict] = field(default_factory=list)  # per sequence: {"kl": [...], "margin": [...]}
+
+    def line(self) -> str:
+        if self.verdict == "skipped":
+            return f"Parity vs CPU FP32: skipped ({self.reason})"
+        text = f"Parity vs CPU FP32: {self.verdict} ({self.matched_tokens}/{self.compared_tokens} tokens"
+        if self.verdict != "exact" and self.first_divergence:
+            firsts = [d for d in self.first_divergence if d is not None]
+            text += f", first divergence at step {min(firsts)}" if firsts else ""
+        text += ")"
+        if self.verdict != "exact":
+            text += f": {self.reason}"
+        return text
+
+
+def free_running(reference: Reference, candidate: DecodeResult) -> tuple[list[int | None], int, int]:
+    firsts, matched, compared = [], 0, 0
+    for ref, cand in zip(reference.tokens, candidate.tokens):
+        n = min(len(ref), len(cand))
+        first = next((j for j in range(n) if ref[j] != cand[j]), None)
+        if first is None and len(ref) != len(cand):
+            first = n
+        firsts.append(first)
+        matched += n if first is None else first
+        compared += max(len(ref), len(cand))
+    return firsts, matched, compared
+
+
+def _decision_margins(logits: torch.Tensor, tokens: list[int], history: list[int], sampler: Sampler,
+                      draws: list[float] | None) -> list[float]:
+    """The reference's decision margin at each step (see module docstring)."""
+    margins = []
+    seen = list(history)
+    for j, tok in enumerate(tokens):
+        processed = sampler.process(logits[j:j + 1], [seen])[0]
+        if draws is None:
+            top2 = torch.topk(processed, 2).values
+            margins.append(float(top2[0] - top2[1]))
+        else:
+            ids, probs = sampler.distribution(processed[None])[0]
+            cdf = torch.cumsum(probs, 0)
+            k = int((ids == tok).nonzero()[0]) if (ids == tok).any() else 0
+            lo = float(cdf[k - 1]) if k else 0.0
+            margins.append(min(abs(draws[j] - lo), abs(float(cdf[k]) - draws[j])))
+        seen.append(tok)
+    return margins
+
+
+def margin_errors(reference: Reference, other_logits: torch.Tensor, histories: list[list[int]],
+                  sampler: Sampler) -> list[float]:
+    """How far `other_logits` moved the reference's decision margin, at every valid step (see module docstring)."""
+    errors = []
+    for b, tokens in enumerate(reference.tokens):
+        seen = list(histories[b])
+        for j, tok in enumerate(tokens):
+            r = sampler.process(reference.logits[b, j:j + 1], [seen])[0]
+            c = sampler.process(other_logits[b, j:j + 1], [seen])[0]
+            if sampler.config.greedy:
+                a, bb = torch.topk(r, 2).indices.tolist()
+                errors.append(abs(float((c[a] - c[bb]) - (r[a] - r[bb]))))
+            else:
+                ids, _ = sampler.distribution(r[None])[0]
+                pr, pc = torch.softmax(r[ids], 0), torch.softmax(c[ids], 0)
+                errors.append(float((torch.cumsum(pr, 0) - torch.cumsum(pc, 0)).abs().max()))
+            seen.append(tok)
+    return errors
+
+
+def tolerance_from(errors: list[float]) -> float:
+    if not errors:
+        return 0.0
+    values = torch.tensor(errors, dtype=torch.float64)
+    return TOLERANCE_FACTOR * float(torch.quantile(values, TOLERANCE_PERCENTILE / 100))
+
+
+def compare(reference: Reference, candidate: DecodeResult, teacher: DecodeResult, precision: str,
+            histories: list[list[int]], calibrate=None, decode_text=None) -> ParityResult:
+    """The verdict for `candidate` (free running) and `teacher` (the same candidate, teacher forced).
+
+    `calibrate()` returns the pristine model's logits at the candidate precision, teacher forced (see module
+    docstring); it is called only when a verdict needs a tolerance. `histories` are the prompts' token ids (the
+    repetition penalty needs them).
+    """
+    sampler = Sampler(SamplingConfig(**reference.sampling), len(reference.tokens))
+    firsts, matched, compared = free_running(reference, candidate)
+    result = ParityResult(first_divergence=None if all(f is None for f in firsts) else firsts,
+                          matched_tokens=matched, compared_tokens=compared)
+    assert teacher.logits is not None and teacher.picks is not None
+    draws_all = _replay_draws(sampler, reference)
+
+    agree, total, kls, max_diff = 0, 0, [], 0.0
+    for b, tokens in enumerate(reference.tokens):
+        n = len(tokens)
+        ref_l = reference.logits[b, :n].double()
+        cand_l = teacher.logits[b, :n].double()
+        logp_r = torch.log_softmax(ref_l, -1)
+        logp_c = torch.log_softmax(cand_l, -1)
+        kl = (logp_r.exp() * (logp_r - logp_c)).sum(-1).clamp_min(0)
+        kls.extend(kl.tolist())
+        max_diff = max(max_diff, float((ref_l - cand_l).abs().max()) if n else 0.0)
+        margins = _decision_margins(reference.logits[b, :n], tokens, histories[b], sampler,
+                                    None if draws_all is None else [d[b] for d in draws_all[:n]])
+        result.per_step.append({"kl": [round(v, 6) for v in kl.tolist()], "margin": [round(m, 6) for m in margins]})
+        for j in range(n):
+            total += 1
+            cand_tok = teacher.picks[b][j]
+            if cand_tok == tokens[j]:
+                agree += 1
+            else:
+                result.mismatches.append(Mismatch(
+                    sequence=b, step=j, reference_margin=round(margins[j], 6), reference_token=tokens[j],
+                    candidate_token=cand_tok,
+                    reference_text=decode_text([tokens[j]]) if decode_text else "",
+                    candidate_text=decode_text([cand_tok]) if decode_text else ""))
+    kl_t = torch.tensor(kls or [0.0], dtype=torch.float64)
+    result.top1_agreement = round(100.0 * agree / max(total, 1), 3)
+    result.kl_mean = float(kl_t.mean())
+    result.kl_p95 = float(torch.quantile(kl_t, 0.95))
+    result.kl_max = float(kl_t.max())
+    result.max_abs_logit_diff = max_diff
+
+    if result.first_divergence is None and not result.mismatches:
+        result.verdict, result.reason = "exact", "token-exact"
+        return result
+    if result.first_divergence is None:
+        # Free-running tokens agree although some teacher-forced pick does not: still exact output, but say so.
+        result.verdict = "exact"
+        result.reason = f"token-exact; {len(result.mismatches)} teacher-forced near-ties flipped without effect"
+        return result
+    if precision == "fp32":
+        result.verdict = "diverged"
+        result.reason = "fp32 must be token-exact with CPU FP32"
+        return result
+    if not result.mismatches:
+        result.verdict = "diverged"
+        result.reason = "free-running tokens differ although every teacher-forced pick agrees (nondeterminism?)"
+        return result
+    errors = margin_errors(reference, calibrate(), histories, sampler) if calibrate else []
+    tau = tolerance_from(errors)
+    result.tolerance = tau
+    result.tolerance_rule = (f"{TOLERANCE_FACTOR:g} x p{TOLERANCE_PERCENTILE:g} of the {precision} decision-margin "
+                             f"error of the pristine model on CPU over {len(errors)} steps")
+    worst = max(result.mismatches, key=lambda m: m.reference_margin)
+    if worst.reference_margin < tau:
+        result.verdict = "within-precision"
+        result.reason = (f"all {len(result.mismatches)} teacher-forced mismatches sit at reference margins < "
+                         f"tolerance {tau:.4g} (largest {worst.reference_margin:.4g})")
+    else:
+        confident = sum(m.reference_margin >= tau for m in result.mismatches)
+        result.verdict = "diverged"
+        result.reason = (f"{confident} mismatch(es) where the reference was confident: margin "
+                         f"{worst.reference_margin:.4g} >= tolerance {tau:.4g} at step {worst.step} of sequence "
+                         f"{worst.sequence}; likely a bug")
+    return result
+
+
+def _replay_draws(sampler: Sampler, reference: Reference) -> list | None:
+    """The uniform draws the reference used at each step (None for greedy): the sampler's seeded stream replayed."""
+    if sampler.config.greedy:
+        return None
+    steps = max((len(t) for t in reference.tokens), default=0)
+    return [sampler.draw().tolist() for _ in range(steps)]
+
+
+def skipped(reason: str) -> ParityResult:
+    return ParityResult(verdict="skipped", reason=reason)
+
+
+def summary(result: ParityResult) -> dict:
+    data = asdict(result)
+    data["kl_mean"] = None if result.kl_mean is None else float(f"{result.kl_mean:.6g}")
+    return data
+
+
+def is_finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)

@@ -1,0 +1,239 @@
+"""The two jobs: `prefill` (prompts -> cache file) and `decode` (cache file -> tokens, parity verdict, metrics).
+
+Each takes one `RunConfig` and returns a report; printing is the CLI's business. Order of work in decode: check the
+cache file's header (cheap, fails fast), load the model, read and verify the cache (checksum, structure, model
+fingerprint), decode (timed), then the parity comparison (untimed).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Callable
+
+import torch
+
+import backends
+from caches import PromptCache, load_cache, read_metadata, save_cache
+from caches import hf as hf_caches
+from portable import models, parity
+from portable.config import RunConfig
+from portable.environment import environment
+from portable.errors import CacheFileError, PortableError
+from portable.generation import Stopper, run_decode
+from portable.metrics import PhaseMetrics, decode_metrics, prefill_metrics
+from portable.report import DecodeReport, PrefillReport, Timing
+from portable.sampling import Sampler
+
+
+def tokenize(tokenizer, prompts: list[str], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded token ids and attention mask [batch, seq]."""
+    if tokenizer is None:
+        from portable.presets import ByteTokenizer
+
+        tokenizer = ByteTokenizer()
+    rows = [tokenizer(p)["input_ids"] for p in prompts]  # with the special tokens the model expects (BOS)
+    if any(not r for r in rows):
+        raise PortableError("a prompt is empty (it has no tokens); give some text with --prompt")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[b, width - len(r):] = 1
+    return ids, mask
+
+
+def batch_prompts(prompts: tuple[str, ...], batch: int) -> list[str]:
+    """One prompt repeated `batch` times, or several prompts (then batch must be 1 or their number)."""
+    if len(prompts) == 1:
+        return list(prompts) * batch
+    if batch not in (1, len(prompts)):
+        raise PortableError(f"{len(prompts)} prompts were given but --batch is {batch}; give one prompt to repeat, "
+                            f"or as many prompts as the batch")
+    return list(prompts)
+
+
+def _sync(runner) -> Callable[[], None]:
+    return runner.synchronize
+
+
+def prefill(config: RunConfig) -> PrefillReport:
+    source = models.resolve(config.model)
+    backend = backends.require(config.backend, config.precision)
+    runner = backend.load(config, source)
+    prompts = batch_prompts(config.prompts, config.batch)
+    pad_id = _pad_id(runner)
+    ids, mask = tokenize(runner.tokenizer, prompts, pad_id)
+    if runner.device.type != "cpu":
+        runner.prefill(ids, mask)  # warm-up: kernel selection and allocator growth stay out of the timing
+    runner.synchronize()
+    runner.reset_peak_memory()
+    start = time.perf_counter()
+    cache = runner.prefill(ids, mask)
+    runner.synchronize()
+    seconds = time.perf_counter() - start
+    metrics = prefill_metrics(seconds, ids.shape[0], ids.shape[1], int(mask.sum()))
+    cache.model = runner.info.identity
+    cache.pad_token_id = pad_id
+    cache.prefill = {"backend": runner.info.backend, "precision": config.precision, "device": runner.info.device,
+                     "device_name": runner.info.device_name, "attn": config.attn, "timing": asdict(metrics),
+                     "environment": {k: v for k, v in environment().items() if k in ("portable", "torch", "commit")}}
+    cpu_cache = cache.to("cpu")
+    saved = save_cache(cpu_cache, config.cache_path, storage=config.cache_storage)
+    return PrefillReport(
+        model=source.spec, backend=runner.info.backend, precision=config.precision, device=runner.info.device,
+        batch=ids.shape[0], prompt_tokens=mask.sum(-1).tolist(),
+        cache={"path": str(config.cache_path), "bytes": saved["bytes"], "kv_cache_bytes": cpu_cache.kv_nbytes,
+               "seq_len": cpu_cache.seen_tokens, "layers": len(cpu_cache.layers),
+               "kinds": sorted(set(cpu_cache.kinds())), "dtype": str(cpu_cache.dtype).removeprefix("torch."),
+               "storage": config.cache_storage},
+        next_tokens=cpu_cache.next_token_logits.argmax(-1).tolist(),
+        timing=Timing(prefill=metrics, model_load_s=runner.info.model_load_s, cache_save_s=saved["seconds"]),
+        peak_memory_bytes=runner.peak_memory_bytes(), environment=environment())
+
+
+def _pad_id(runner) -> int:
+    from backends.hf_torch import _pad_id as pad_id
+
+    return pad_id(runner.config, runner.tokenizer)
+
+
+def check_identity(cache: PromptCache, loaded: dict, force: bool) -> list[str]:
+    """Refuse a cache from another model or tokenizer unless forced; returns warnings for forced mismatches."""
+    warnings = []
+    recorded = cache.model
+    for key, what in (("fingerprint", "model weights"), ("tokenizer_fingerprint", "tokenizer")):
+        a, b = recorded.get(key), loaded.get(key)
+        if a and b and a != b:
+            message = (f"the cache was made with different {what} ({recorded.get('source')}: {a}) than the loaded "
+                       f"model ({loaded.get('source')}: {b})")
+            if not force:
+                raise CacheFileError(message + "; pass --force to decode it anyway")
+            warnings.append(message)
+    return warnings
+
+
+def _eos_ids(runner) -> frozenset[int]:
+    ids = set()
+    for holder in (runner.config, getattr(runner.model, "generation_config", None) if hasattr(runner, "model")
+                   else None, runner.tokenizer):
+        value = getattr(holder, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def make_stopper(runner, config: RunConfig) -> Stopper:
+    return Stopper(tokenizer=runner.tokenizer, eos_ids=frozenset() if config.ignore_eos else _eos_ids(runner),
+                   stop_strings=config.stop)
+
+
+def reference_decode(cache_cpu: PromptCache, source: models.ModelSource, config: RunConfig,
+                     cache_checksum: str | None) -> parity.Reference:
+    """CPU FP32 decoding of `cache_cpu` with the run's sampling: the parity reference."""
+    ref_config = config.replace(backend="cpu", precision="fp32", attn="sdpa")
+    runner = backends.resolve("cpu").load(ref_config, source)
+    cache = cache_cpu.to("cpu", torch.float32)
+    hf_caches.check_compatible(cache, runner.config)
+    result = run_decode(runner, cache, Sampler(config.sampling, cache.batch), config.max_new_tokens,
+                        make_stopper(runner, config), collect_logits=True)
+    return parity.reference_from(result, config.sampling, config.max_new_tokens, cache_checksum,
+                                 runner.info.identity.get("fingerprint"))
+
+
+def _calibration(cache_cpu: PromptCache, source, config: RunConfig, reference: parity.Reference):
+    """Teacher-forced logits of the pristine model on CPU at the candidate's precision (parity's tolerance)."""
+    def run() -> torch.Tensor:
+        precision = config.precision if config.precision in ("fp16", "bf16") else "fp32"
+        runner = backends.resolve("cpu").load(config.replace(backend="cpu", precision=precision, attn="sdpa"),
+                                              source)
+        if config.precision == "int8":
+            torch.ao.quantization.quantize_dynamic(runner.model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        cache = cache_cpu.to("cpu", runner.dtype)
+        out = run_decode(runner, cache, Sampler(config.sampling, cache.batch), config.max_new_tokens,
+                         make_stopper(runner, config), forced=reference.tokens, collect_logits=True)
+        return out.logits
+    return run
+
+
+def decode(config: RunConfig, on_tokens: Callable[[int, list[int | None]], None] | None = None,
+           on_ready: Callable[[object], None] | None = None) -> DecodeReport:
+    meta = read_metadata(config.cache_path)
+    source = models.resolve(config.model or meta["model"].get("source"))
+    backend = backends.require(config.backend, config.precision)
+    runner = backend.load(config, source)
+    if on_ready is not None:
+        on_ready(runner)
+
+    start = time.perf_counter()
+    cache_cpu = load_cache(config.cache_path)
+    hf_caches.check_compatible(cache_cpu, runner.config)
+    warnings = check_identity(cache_cpu, runner.info.identity, config.force)
+    cache = runner.place_cache(cache_cpu) if hasattr(runner, "place_cache") else cache_cpu.to(runner.device,
+                                                                                                runner.dtype)
+    runner.synchronize()
+    cache_load_s = time.perf_counter() - start
+    cast = cache_cpu.file_info["cast"] or (
+        f"{cache_cpu.file_info['stored_dtype']} -> {str(runner.dtype).removeprefix('torch.')}"
+        if cache_cpu.dtype != runner.dtype else None)
+
+    stopper = make_stopper(runner, config)
+    runner.reset_peak_memory()
+    result = run_decode(runner, cache, Sampler(config.sampling, cache.batch), config.max_new_tokens, stopper,
+                        on_tokens=on_tokens, sync_every=config.sync_every)
+    runner.synchronize()
+    peak = runner.peak_memory_bytes()
+    decode_phase = decode_metrics(result.step_times_s, cache.batch, result.step_tokens)
+
+    parity_start = time.perf_counter()
+    verdict = _parity(config, source, runner, cache, cache_cpu, result, stopper)
+    parity_s = time.perf_counter() - parity_start if verdict.verdict != "skipped" else None
+
+    prefill_timing = cache_cpu.prefill.get("timing")
+    info = runner.info
+    return DecodeReport(
+        model=source.spec, backend=info.backend, precision=config.precision, device=info.device, batch=cache.batch,
+        prompt_tokens=cache_cpu.prompt_lengths, new_tokens=result.new_tokens, tokens=result.tokens,
+        text=[stopper.final_text(t) for t in result.tokens], finish_reasons=result.finish_reasons,
+        timing=Timing(prefill=PhaseMetrics(**prefill_timing) if prefill_timing else None, decode=decode_phase,
+                      model_load_s=info.model_load_s, cache_load_s=cache_load_s, compile_s=info.compile_s,
+                      save_s=info.save_s, load_s=info.load_s, artifact_reused=info.artifact_reused,
+                      parity_s=parity_s),
+        kv_cache_bytes=cache_cpu.kv_nbytes, peak_memory_bytes=peak, parity=verdict,
+        sampling={**asdict(config.sampling), "mode": config.sampling.describe()},
+        cache={**{k: v for k, v in cache_cpu.file_info.items() if k not in ("read_s", "load_s")}, "cast": cast,
+               "made_by": {k: cache_cpu.prefill.get(k) for k in ("backend", "precision", "device", "device_name")},
+               "warnings": warnings},
+        backend_details={"device_name": info.device_name, "sync_every": config.sync_every, **info.details},
+        environment=environment())
+
+
+def _parity(config: RunConfig, source, runner, cache, cache_cpu: PromptCache, result, stopper) -> parity.ParityResult:
+    if not config.parity:
+        return parity.skipped("disabled with --no-parity")
+    if source.kind == "preset":
+        return parity.skipped("random weights (preset model): parity is meaningless")
+    checksum = cache_cpu.file_info.get("payload_crc32")
+    if config.reference_path is not None:
+        reference = parity.Reference.load(config.reference_path)
+        reference.check_matches(checksum, config.sampling, config.max_new_tokens)
+        reference = _trim(reference, config.max_new_tokens)
+    else:
+        reference = reference_decode(cache_cpu, source, config, checksum)
+    teacher = run_decode(runner, cache, Sampler(config.sampling, cache.batch), config.max_new_tokens, stopper,
+                         forced=reference.tokens, collect_logits=True)
+    histories = [cache_cpu.prompt_tokens(b) for b in range(cache_cpu.batch)]
+    decode_text = (lambda ids: runner.tokenizer.decode(ids)) if runner.tokenizer is not None else None
+    return parity.compare(reference, result, teacher, config.precision, histories,
+                          calibrate=_calibration(cache_cpu, source, config, reference), decode_text=decode_text)
+
+
+def _trim(reference: parity.Reference, max_new_tokens: int) -> parity.Reference:
+    tokens = [t[:max_new_tokens] for t in reference.tokens]
+    return parity.Reference(tokens=tokens, finish_reasons=reference.finish_reasons,
+                            logits=reference.logits[:, :max_new_tokens], sampling=reference.sampling,
+                            max_new_tokens=max_new_tokens, cache_checksum=reference.cache_checksum,
+                            model_fingerprint=reference.model_fingerprint)

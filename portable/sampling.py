@@ -1,0 +1,86 @@
+"""Choosing the next token: greedy or seeded sampling, identical on every backend.
+
+Reproducibility across devices is by construction: the logits are brought to the host as float32, every transform
+(repetition penalty, temperature, top-k, top-p) runs there in float64 with ties broken by token id, and the random
+number for each sequence and step is drawn on the host from a seeded PCG64 stream (one draw per sequence per step,
+finished or not, so streams stay aligned). Given the same logits and seed, every backend picks the same token.
+
+Greedy decoding without a repetition penalty needs no host round trip: `pick_on_device` takes the argmax where the
+logits are (the first maximal index, as on the host).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from portable.config import SamplingConfig
+
+
+class Sampler:
+    def __init__(self, config: SamplingConfig, batch: int):
+        self.config = config
+        self.batch = batch
+        self._rng = np.random.Generator(np.random.PCG64(config.seed))
+
+    @property
+    def on_device(self) -> bool:
+        """True when the pick needs only the argmax of the raw logits (no host transfer of the logits)."""
+        return self.config.greedy and self.config.repetition_penalty == 1.0
+
+    def pick_on_device(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(dim=-1)
+
+    def process(self, logits: torch.Tensor, history: list[list[int]]) -> torch.Tensor:
+        """The logits after repetition penalty and temperature, float64 on the host: [batch, vocab]."""
+        x = logits.detach().to("cpu", torch.float32).to(torch.float64)
+        penalty = self.config.repetition_penalty
+        if penalty != 1.0:
+            for b, seen in enumerate(history):
+                if seen:
+                    idx = torch.tensor(sorted(set(seen)), dtype=torch.long)
+                    vals = x[b, idx]
+                    x[b, idx] = torch.where(vals > 0, vals / penalty, vals * penalty)
+        if not self.config.greedy:
+            x = x / self.config.temperature
+        return x
+
+    def distribution(self, processed: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per row: (token ids, probabilities) after top-k and top-p, ordered by probability then token id."""
+        rows = []
+        for row in processed:
+            if self.config.top_k > 0 and self.config.top_k < row.numel():
+                kth = torch.topk(row, self.config.top_k).values[-1]
+                ids = torch.nonzero(row >= kth).view(-1)  # keep every tie at the threshold, as transformers does
+            else:
+                ids = torch.arange(row.numel())
+            vals = row[ids]
+            order = torch.sort(-vals, stable=True).indices  # descending, ties by ascending token id
+            ids, vals = ids[order], vals[order]
+            probs = torch.softmax(vals, dim=0)
+            if self.config.top_p < 1.0:
+                cum = torch.cumsum(probs, dim=0)
+                keep = int(torch.searchsorted(cum, torch.tensor(self.config.top_p, dtype=cum.dtype)).item()) + 1
+                ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
+            rows.append((ids, probs))
+        return rows
+
+    def draw(self) -> np.ndarray:
+        """This step's uniform numbers, one per sequence."""
+        return self._rng.random(self.batch)
+
+    def pick(self, logits: torch.Tensor, history: list[list[int]]) -> list[int]:
+        """The next token of each sequence (host ints)."""
+        if self.on_device:
+            return logits.argmax(dim=-1).tolist()
+        processed = self.process(logits, history)
+        if self.config.greedy:
+            return processed.argmax(dim=-1).tolist()
+        u = self.draw()
+        out = []
+        for (ids, probs), r in zip(self.distribution(processed), u):
+            cdf = torch.cumsum(probs, dim=0)
+            j = min(int(torch.searchsorted(cdf, torch.tensor(r * cdf[-1].item(), dtype=cdf.dtype), right=True)),
+                    len(ids) - 1)
+            out.append(int(ids[j]))
+        return out

@@ -1,0 +1,160 @@
+"""The command line through typer's CliRunner: the happy path, the report fields, and every bad input's one-line
+error (non-zero exit, no traceback unless --debug, nothing overwritten)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from portable.cli import app
+from portable.config import DEFAULT_PROMPT
+
+runner = CliRunner()
+
+
+def invoke(*args, input=None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+@pytest.fixture(scope="module")
+def made(tiny_model, tmp_path_factory):
+    """A tiny Llama and a cache file prefilled from it."""
+    folder = tiny_model("llama")
+    cache = tmp_path_factory.mktemp("cli") / "c.safetensors"
+    result = invoke("prefill", "--model", folder, "--out", cache)
+    assert result.exit_code == 0, result.output
+    return folder, cache, result
+
+
+def test_prefill_prints_where_the_cache_went(made):
+    _, cache, result = made
+    assert f"Saved KV cache to {cache}" in result.stdout
+    assert "TPS" in result.stdout and cache.exists()
+
+
+def test_decode_prints_verdict_metrics_and_writes_the_report(made, tmp_path):
+    _, cache, _ = made
+    result = invoke("decode", "--cache", cache, "-n", 10, "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert "Parity vs CPU FP32: exact (10/10 tokens)" in result.stdout
+    assert "BPS" in result.stdout and "SPS" in result.stdout and "step P50" in result.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    for key in ("model", "backend", "precision", "device", "batch", "prompt_tokens", "new_tokens", "tokens", "text",
+                "timing", "kv_cache_bytes", "peak_memory_bytes", "parity", "environment"):
+        assert key in report, key
+    decode = report["timing"]["decode"]
+    for key in ("time_per_batch_s", "time_per_token_s", "bps", "sps", "tps", "step_p50_ms", "step_p95_ms"):
+        assert decode[key] > 0, key
+    assert report["timing"]["prefill"]["tps"] > 0
+    assert report["timing"]["model_load_s"] > 0 and report["timing"]["cache_load_s"] > 0
+    assert report["parity"]["reference"] == "cpu-fp32" and report["parity"]["verdict"] == "exact"
+    assert report["parity"]["first_divergence"] is None and report["parity"]["matched_tokens"] == 10
+    assert report["new_tokens"] == [10] and len(report["tokens"][0]) == 10
+    assert report["kv_cache_bytes"] > 0 and report["peak_memory_bytes"] > 0
+    env = report["environment"]
+    assert env["python"] and env["torch"] and env["transformers"] and env["cpu"]
+
+
+def test_prompt_from_stdin_and_batch(made, tmp_path):
+    folder, _, _ = made
+    out = tmp_path / "b.safetensors"
+    result = invoke("prefill", "--model", folder, "--prompt", "-", "--batch", 3, "--out", out, input="def f(x):\n")
+    assert result.exit_code == 0, result.output
+    assert "3 x " in result.stdout
+    result = invoke("decode", "--cache", out, "-n", 4, "--json", tmp_path / "r.json", "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["batch"] == 3 and len(set(map(tuple, report["tokens"]))) == 1
+
+
+def one_line_error(result, code=2):
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_missing_cache_file(tmp_path):
+    line = one_line_error(invoke("decode", "--cache", tmp_path / "none.safetensors"))
+    assert "does not exist" in line
+
+
+def test_unreadable_cache_file(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 3)
+    assert "too short" in one_line_error(invoke("decode", "--cache", bad))
+
+
+def test_unknown_backend_and_precision(made):
+    _, cache, _ = made
+    line = one_line_error(invoke("decode", "--cache", cache, "--backend", "tpu"))
+    assert "cpu" in line and "onnxruntime" in line
+    line = one_line_error(invoke("decode", "--cache", cache, "--precision", "fp8"))
+    assert "fp32" in line and "bf16" in line
+
+
+def test_backend_not_present_here(made):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    _, cache, _ = made
+    line = one_line_error(invoke("decode", "--cache", cache, "--backend", "cuda"))
+    assert "not available here" in line and "available: cpu" in line
+
+
+def test_cache_from_another_model_is_refused_unless_forced(made, tiny_model, tmp_path):
+    _, cache, _ = made
+    other = tiny_model("llama", seed=1)  # same architecture and shapes, different weights
+    line = one_line_error(invoke("decode", "--cache", cache, "--model", other))
+    assert "different model weights" in line and "--force" in line
+    result = invoke("decode", "--cache", cache, "--model", other, "--force", "-n", 3, "--no-parity")
+    assert result.exit_code == 0, result.output
+    assert "warning: the cache was made with different model weights" in result.stderr
+
+
+def test_cache_from_another_architecture_cannot_be_forced(made, tiny_model):
+    _, cache, _ = made
+    line = one_line_error(invoke("decode", "--cache", cache, "--model", tiny_model("gemma3"), "--force"))
+    assert "layer" in line
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = invoke("decode", "--cache", tmp_path / "none.safetensors", "--debug")
+    assert result.exit_code == 2 and "Traceback" in result.stderr
+
+
+def test_hub_id_without_network_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = one_line_error(invoke("prefill", "--model", "no-such-org/no-such-model", "--out", tmp_path / "x"))
+    assert "HF_HUB_OFFLINE" in line and "--model PATH" in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_local_model_folder(tmp_path):
+    assert "does not exist" in one_line_error(invoke("prefill", "--model", tmp_path / "nothing" / "here"))
+
+
+def test_prefill_failure_leaves_existing_cache_untouched(made, tmp_path):
+    folder, cache, _ = made
+    before = cache.read_bytes()
+    one_line_error(invoke("prefill", "--model", folder, "--out", cache, "--precision", "fp8"))
+    assert cache.read_bytes() == before
+
+
+def test_cache_inspect(made):
+    _, cache, _ = made
+    result = invoke("cache", "inspect", cache)
+    assert result.exit_code == 0, result.output
+    for text in ("format version 1", "LlamaForCausalLM", "full_attention", "left padded", "checksum verified",
+                 "made by     cpu fp32"):
+        assert text in result.stdout, text
+    meta = json.loads(invoke("cache", "inspect", cache, "--json").stdout)
+    assert meta["format"] == "portable-kv-cache"
+
+
+def test_default_prompt_is_code():
+    assert DEFAULT_PROMPT.startswith("def ")
