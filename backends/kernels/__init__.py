@@ -1,0 +1,30 @@
+"""Triton kernels for the GPU decode step, each next to the PyTorch reference it must match.
+
+    norms.py       RMSNorm (standard and Gemma's 1 + w), residual-add + RMSNorm
+    rope.py        rotary embedding of q and k in one kernel; the decode variant also applies Qwen3/Gemma3 q/k norms
+                   and writes k and v into the static cache
+    activation.py  SwiGLU / GeGLU
+    gemv.py        batch-1 matrix-vector product streaming the weights once, with an RMSNorm prologue, a gated
+                   activation epilogue, and split-K accumulation straight into the fp32 residual stream
+    attention.py   single-token attention over a static cache (grouped-query, left padding, sliding windows)
+
+Every kernel reads bf16/fp16/fp32 and accumulates in fp32; matrix tiles are reduced with multiply-and-sum rather
+than `tl.dot` (batch-1 work is bandwidth-bound, and the Triton interpreter, which runs these kernels on CPU in CI,
+computes bf16 `tl.dot` wrongly). `--kernels torch` swaps every kernel for its reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

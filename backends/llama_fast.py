@@ -1,0 +1,320 @@
+"""Our own decode step for the Llama family (Llama, Qwen3, Mistral, Gemma3), on the Hugging Face weights.
+
+Why: Hugging Face's modeling code with a static cache and torch.compile reaches about 30% of the memory-bandwidth
+limit at batch 1 on an H100; the limit needs the weights streamed once per token with few launches. The shape
+follows gpt-fast: a static preallocated cache, fixed shapes, one captured CUDA graph per (batch, length).
+
+One step, batch 1, `--kernels triton` (5 launches per layer, plus embedding and head):
+    h (fp32 residual) = embed[token] * embed_scale
+    per layer:  qkv   = W_qkv . rmsnorm(h)                     gemv with RMSNorm prologue
+                q, cache[slot] = rope(qk_norm(q, k)), v         fused rope + cache write
+                o     = attention(q, cache, valid slots)        split-sequence decode attention (+ combine)
+                h    += W_o . o                                 gemv accumulating into h   (Gemma: h += norm(W_o . o))
+                a     = act(W_g . rmsnorm(h)) * (W_u . rmsnorm(h))   gemv, two weights, gated epilogue
+                h    += W_d . a                                 (Gemma: h += norm(W_d . a))
+    logits = W_head . rmsnorm(h)
+Batches > 1 (and `--kernels torch`) use matrix products through PyTorch and the same fused rope/attention/norm
+kernels (or their PyTorch references). The residual stream stays in fp32 throughout.
+
+Slots: the static cache holds `seen + max_new_tokens` slots per sequence; left padding puts sequence b's first real
+token at slot start[b], so its position is slot - start[b]. Sliding-window layers mask slots older than the window.
+Prefill is left to the Hugging Face model (the backend's reference path).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from backends.base import RunnerInfo
+from backends.hf_torch import HFRunner
+from backends.kernels import activation, attention, gemv, norms, rope
+from caches import PromptCache, SlidingWindowLayer
+from portable import architectures
+from portable.models import LoadedModel
+
+
+@dataclass
+class Layer:
+    ln1: torch.Tensor
+    wqkv: torch.Tensor
+    wo: torch.Tensor
+    ln2: torch.Tensor
+    wg: torch.Tensor
+    wu: torch.Tensor
+    wd: torch.Tensor
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    post_attn: torch.Tensor | None  # Gemma3 post-norms
+    post_ff: torch.Tensor | None
+    inv_freq: torch.Tensor
+    rope_scaling: float
+    window: int  # 0 = full attention
+
+
+def _layer_types(config) -> list[str]:
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)
+    return ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"] * \
+        config.num_hidden_layers
+
+
+def supports(model) -> str | None:
+    """None if our decode step covers this model; otherwise why not (the runner then uses the HF path)."""
+    arch = architectures.for_model(model)
+    if not arch.llama_family:
+        return f"{model.config.model_type} is not in the Llama family"
+    config = model.config
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, name, None) is not None:
+            return f"{name} is not supported"
+    for layer in model.model.layers:
+        for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                    layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            if lin.bias is not None:
+                return "linear layers with biases are not supported"
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if "dynamic" in str(rope_type):
+        return f"rope type {rope_type} changes with the sequence length"
+    return None
+
+
+class FastDecoder:
+    """The weights, static buffers and step function; device-agnostic (CUDA graphs are added by FastRunner)."""
+
+    def __init__(self, model, kernels: str = "triton"):
+        config = model.config
+        self.config = config
+        self.kernels = kernels
+        inner = model.model
+        self.dtype = inner.embed_tokens.weight.dtype
+        self.device = inner.embed_tokens.weight.device
+        self.gemma = config.model_type.startswith("gemma")
+        self.offset = 1.0 if self.gemma else 0.0
+        self.eps = config.rms_norm_eps
+        act = getattr(config, "hidden_activation", None) or config.hidden_act
+        self.act = "gelu_tanh" if "gelu" in act else "silu"
+        self.hq, self.hk = config.num_attention_heads, config.num_key_value_heads
+        self.d = getattr(config, "head_dim", None) or config.hidden_size // self.hq
+        self.scale = (config.query_pre_attn_scalar ** -0.5) if self.gemma else self.d ** -0.5
+        self.embed = inner.embed_tokens.weight
+        self.embed_scale = float(inner.embed_tokens.embed_scale.to(self.dtype)) if self.gemma else 1.0
+        self.final_norm = inner.norm.weight
+        self.head = model.lm_head.weight
+        types = _layer_types(config)
+        rotary = inner.rotary_emb
+        self.layers = []
+        for i, layer in enumerate(inner.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            kind = types[i]
+            if hasattr(rotary, f"{kind}_inv_freq"):  # Gemma3: one rotary base per layer type
+                inv_freq, rscale = getattr(rotary, f"{kind}_inv_freq"), getattr(rotary, f"{kind}_attention_scaling")
+            else:
+                inv_freq, rscale = rotary.inv_freq, rotary.attention_scaling
+            self.layers.append(Layer(
+                ln1=layer.input_layernorm.weight,
+                wqkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).contiguous(),
+                wo=attn.o_proj.weight,
+                ln2=(layer.pre_feedforward_layernorm if self.gemma else layer.post_attention_layernorm).weight,
+                wg=mlp.gate_proj.weight, wu=mlp.up_proj.weight, wd=mlp.down_proj.weight,
+                q_norm=attn.q_norm.weight if hasattr(attn, "q_norm") else None,
+                k_norm=attn.k_norm.weight if hasattr(attn, "k_norm") else None,
+                post_attn=layer.post_attention_layernorm.weight if self.gemma else None,
+                post_ff=layer.post_feedforward_layernorm.weight if self.gemma else None,
+                inv_freq=inv_freq.float().contiguous(), rope_scaling=float(rscale),
+                window=int(config.sliding_window) if kind == "sliding_attention" else 0))
+        self.shape = None
+
+    # ---- static state ----
+    def allocate(self, batch: int, slots: int) -> None:
+        if self.shape == (batch, slots):
+            return
+        dev, dt = self.device, self.dtype
+        hidden = self.embed.shape[1]
+        self.k_cache = [torch.zeros(batch, self.hk, slots, self.d, dtype=dt, device=dev) for _ in self.layers]
+        self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.start = torch.zeros(batch, dtype=torch.int32, device=dev)
+        self.slot = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.h = torch.zeros(batch, hidden, dtype=torch.float32, device=dev)
+        self.qkv = torch.zeros(batch, (self.hq + 2 * self.hk) * self.d, dtype=dt, device=dev)
+        self.q = torch.zeros(batch, self.hq, self.d, dtype=dt, device=dev)
+        self.o = torch.zeros(batch, self.hq, self.d, dtype=dt, device=dev)
+        self.mlp = torch.zeros(batch, self.layers[0].wg.shape[0], dtype=dt, device=dev)
+        self.tmp = torch.zeros(batch, hidden, dtype=dt, device=dev)
+        self.logits = torch.zeros(batch, self.head.shape[0], dtype=torch.float32, device=dev)
+        self.attention = attention.DecodeAttention(batch, self.hq, self.hk, self.d, slots, dev)
+        self.shape = (batch, slots)
+
+    def load_cache(self, cache: PromptCache, max_new_tokens: int) -> None:
+        """Copy a prompt cache (already on this device and dtype) into the static cache."""
+        seen = cache.seen_tokens
+        self.allocate(cache.batch, seen + max_new_tokens)
+        for layer, kc, vc, state in zip(self.layers, self.k_cache, self.v_cache, cache.layers):
+            kept = state.keys.shape[2]
+            first = (state.cumulative_length if isinstance(state, SlidingWindowLayer) else seen) - kept
+            kc.zero_()
+            vc.zero_()
+            kc[:, :, first:first + kept] = state.keys
+            vc[:, :, first:first + kept] = state.values
+        lengths = cache.positions.to(self.device)
+        self.positions.copy_(lengths)
+        self.start.copy_((seen - lengths).to(torch.int32))
+        self.slot.fill_(seen)
+
+    # ---- the step ----
+    def _fused(self) -> bool:
+        return self.kernels == "triton" and self.shape[0] == 1
+
+    def step(self) -> torch.Tensor:
+        """One decode step for `self.tokens`; advances positions and the slot; returns logits [batch, vocab]."""
+        torch.index_select(self.embed, 0, self.tokens, out=self.tmp)
+        self.h.copy_(self.tmp)
+        if self.embed_scale != 1.0:
+            self.h.mul_(self.embed_scale)
+        if self._fused():
+            self._layers_gemv()
+        else:
+            self._layers_matmul()
+        self.positions.add_(1)
+        self.slot.add_(1)
+        return self.logits
+
+    def _k(self):
+        """The kernel set: Triton kernels or their PyTorch references."""
+        triton_ = self.kernels == "triton"
+        return (norms.rmsnorm if triton_ else norms.rmsnorm_torch,
+                norms.add_rmsnorm_ if triton_ else norms.add_rmsnorm_torch_,
+                norms.rmsnorm_add_ if triton_ else norms.rmsnorm_add_torch_,
+                rope.qkv_rope_cache_ if triton_ else rope.qkv_rope_cache_torch_,
+                self.attention if triton_ else attention.decode_attention_torch,
+                activation.gated if triton_ else activation.gated_torch)
+
+    def _attend(self, i: int, layer: Layer) -> None:
+        _, _, _, rope_cache, attend, _ = self._k()
+        rope_cache(self.qkv, self.positions, layer.inv_freq, layer.rope_scaling, self.q, self.k_cache[i],
+                   self.v_cache[i], self.slot, layer.q_norm, layer.k_norm, self.eps, self.offset)
+        attend(self.q, self.k_cache[i], self.v_cache[i], self.start, self.slot, self.scale, layer.window, out=self.o)
+
+    def _layers_gemv(self) -> None:
+        rmsnorm_add = norms.rmsnorm_add_
+        h, o, eps, off = self.h[0], self.o.view(-1), self.eps, self.offset
+        for i, layer in enumerate(self.layers):
+            gemv.gemv(h, layer.wqkv, self.qkv[0], norm_w=layer.ln1, eps=eps, norm_offset=off)
+            self._attend(i, layer)
+            if self.gemma:
+                gemv.gemv(o, layer.wo, self.tmp[0])
+                rmsnorm_add(self.tmp, self.h, layer.post_attn, eps, off)
+            else:
+                gemv.gemv(o, layer.wo, h, accumulate=True)
+            gemv.gemv(h, layer.wg, self.mlp[0], norm_w=layer.ln2, eps=eps, norm_offset=off, up=layer.wu,
+                      act=self.act)
+            if self.gemma:
+                gemv.gemv(self.mlp[0], layer.wd, self.tmp[0])
+                rmsnorm_add(self.tmp, self.h, layer.post_ff, eps, off)
+            else:
+                gemv.gemv(self.mlp[0], layer.wd, h, accumulate=True)
+        gemv.gemv(h, self.head, self.logits[0], norm_w=self.final_norm, eps=eps, norm_offset=off)
+
+    def _layers_matmul(self) -> None:
+        rmsnorm, _, rmsnorm_add, _, _, gated = self._k()
+        mm = torch.nn.functional.linear
+        eps, off, b = self.eps, self.offset, self.shape[0]
+        for i, layer in enumerate(self.layers):
+            x = rmsnorm(self.h, layer.ln1, eps, off, out_dtype=self.dtype)
+            torch.matmul(x, layer.wqkv.t(), out=self.qkv)
+            self._attend(i, layer)
+            attn_out = mm(self.o.view(b, -1), layer.wo)
+            if self.gemma:
+                rmsnorm_add(attn_out, self.h, layer.post_attn, eps, off)
+            else:
+                self.h.add_(attn_out)
+            x = rmsnorm(self.h, layer.ln2, eps, off, out_dtype=self.dtype)
+            a = gated(mm(x, layer.wg), mm(x, layer.wu), self.act)
+            ff = mm(a, layer.wd)
+            if self.gemma:
+                rmsnorm_add(ff, self.h, layer.post_ff, eps, off)
+            else:
+                self.h.add_(ff)
+        x = rmsnorm(self.h, self.final_norm, eps, off, out_dtype=self.dtype)
+        self.logits.copy_(mm(x, self.head))
+
+
+class FastRunner:
+    """A runner whose decode step is `FastDecoder`, captured as one CUDA graph per (batch, slots) on GPUs."""
+
+    def __init__(self, loaded: LoadedModel, backend: str, config, device: torch.device, graphs: bool | None = None):
+        self.hf = HFRunner(loaded, backend=backend, precision=config.precision, device=device)
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.config = loaded.config
+        self._device = torch.device(device)
+        self.decoder = FastDecoder(loaded.model, kernels=config.kernels)
+        self.graphs = self._device.type == "cuda" if graphs is None else graphs
+        self._graph = None
+        self._graph_shape = None
+        self.info = self.hf.info
+        self.info.details = {"path": "fast", "kernels": config.kernels, "cuda_graph": self.graphs,
+                             "attn": "portable decode attention"}
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.dtype
+
+    def prefill(self, input_ids, attention_mask) -> PromptCache:
+        return self.hf.prefill(input_ids, attention_mask)
+
+    def start(self, cache: PromptCache, max_new_tokens: int) -> None:
+        self.decoder.load_cache(cache, max_new_tokens)
+        if self.graphs and self._graph_shape != self.decoder.shape:
+            start = time.perf_counter()
+            self._capture()
+            self.info.compile_s = (self.info.compile_s or 0.0) + time.perf_counter() - start
+            self.info.details["graph_captures"] = self.info.details.get("graph_captures", 0) + 1
+
+    def _capture(self) -> None:
+        """Warm up (compiles every kernel) on a side stream, then capture one step. The warm-up steps write into the
+        slot the first real step overwrites; positions and slot are restored."""
+        d = self.decoder
+        saved = (d.positions.clone(), d.slot.clone())
+        stream = torch.cuda.Stream(self._device)
+        stream.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                d.step()
+                d.positions.copy_(saved[0])
+                d.slot.copy_(saved[1])
+        torch.cuda.current_stream(self._device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            d.step()
+        d.positions.copy_(saved[0])
+        d.slot.copy_(saved[1])
+        torch.cuda.synchronize(self._device)
+        self._graph, self._graph_shape = graph, d.shape
+
+    def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        d = self.decoder
+        if tokens.data_ptr() != d.tokens.data_ptr():
+            d.tokens.copy_(tokens, non_blocking=True)
+        if self._graph is not None:
+            self._graph.replay()
+            return d.logits
+        return d.step()
+
+    def synchronize(self) -> None:
+        self.hf.synchronize()
+
+    def reset_peak_memory(self) -> None:
+        self.hf.reset_peak_memory()
+
+    def peak_memory_bytes(self) -> int:
+        return self.hf.peak_memory_bytes()

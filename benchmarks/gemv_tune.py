@@ -1,0 +1,145 @@
+"""Tune the batch-1 GEMV kernel on a GPU: every linear layer shape of a model, each config timed as a CUDA graph of
+one launch per layer over distinct weights (as in a real decode step, so L2 cannot hold them), against cuBLAS
+(F.linear) on the same weights and the device's copy bandwidth.
+
+    python benchmarks/gemv_tune.py llama-3.2-1b qwen3-1.7b --out tune.json
+
+Prints the best config per shape and its share of the copy bandwidth; writes every measurement as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from backends.kernels.gemv import GemvConfig, gemv  # noqa: E402
+from portable import presets  # noqa: E402
+
+
+def copy_bandwidth() -> float:
+    n = 2 * 1024**3 // 2
+    a = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / 20
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n * 2 / dt / 1e9
+
+
+def graph_time(fn, reps: int = 20) -> float:
+    """Median seconds of one replay of a graph of `fn`."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def shapes(name: str) -> list[dict]:
+    c = presets.get(name)
+    h, i = c.hidden_size, c.intermediate_size
+    d = getattr(c, "head_dim", None) or h // c.num_attention_heads
+    qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * d
+    layers = c.num_hidden_layers
+    return [
+        {"name": "qkv", "n": qkv, "k": h, "gated": False, "acc": False, "norm": True, "count": layers},
+        {"name": "o", "n": h, "k": c.num_attention_heads * d, "gated": False, "acc": True, "norm": False,
+         "count": layers},
+        {"name": "gate_up", "n": i, "k": h, "gated": True, "acc": False, "norm": True, "count": layers},
+        {"name": "down", "n": h, "k": i, "gated": False, "acc": True, "norm": False, "count": layers},
+        {"name": "head", "n": c.vocab_size, "k": h, "gated": False, "acc": False, "norm": True, "count": 1},
+    ]
+
+
+def candidates(shape: dict):
+    block_ns = (4, 8, 16) if shape["gated"] else (8, 16, 32)
+    splits = (1, 2, 4, 8) if shape["acc"] else (1,)
+    for bn, bk, warps, stages, split in itertools.product(block_ns, (256, 512), (4, 8), (3,), splits):
+        if shape["k"] % (bk * split) == 0:
+            yield GemvConfig(block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=stages)
+
+
+def tune(name: str, dtype=torch.bfloat16) -> list[dict]:
+    rows = []
+    for shape in shapes(name):
+        n, k, count = shape["n"], shape["k"], shape["count"]
+        ws = [torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5 for _ in range(count)]
+        us = [torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5 for _ in range(count)] if shape["gated"] else None
+        x = torch.randn(k, device="cuda")
+        nw = torch.randn(k, device="cuda", dtype=dtype) if shape["norm"] else None
+        out = torch.zeros(n, device="cuda", dtype=torch.float32 if shape["acc"] else dtype)
+        nbytes = sum(w.numel() * w.element_size() for w in ws) * (2 if us else 1)
+
+        xb = x.to(dtype)[None]
+
+        def cublas():
+            for j, w in enumerate(ws):
+                y = torch.nn.functional.linear(xb, w)
+                if us:
+                    y = torch.nn.functional.silu(y) * torch.nn.functional.linear(xb, us[j])
+        t_cublas = graph_time(cublas)
+        best = None
+        for cfg in candidates(shape):
+            def ours(cfg=cfg):
+                for j, w in enumerate(ws):
+                    gemv(x, w, out, norm_w=nw, up=us[j] if us else None, accumulate=shape["acc"], config=cfg)
+            try:
+                t = graph_time(ours)
+            except Exception as e:  # a config the compiler rejects (registers, shared memory)
+                print(f"  skip {cfg}: {type(e).__name__}", flush=True)
+                continue
+            row = {"model": name, **shape, "config": cfg.__dict__, "seconds": t, "GBps": nbytes / t / 1e9,
+                   "cublas_seconds": t_cublas, "cublas_GBps": nbytes / t_cublas / 1e9}
+            rows.append(row)
+            if best is None or t < best["seconds"]:
+                best = row
+        print(f"{name} {shape['name']:8s} n={n:6d} k={k:5d} x{count}: best {best['GBps']:7.1f} GB/s "
+              f"{best['config']}  cuBLAS {best['cublas_GBps']:7.1f} GB/s", flush=True)
+        del ws, us
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("models", nargs="+")
+    parser.add_argument("--out", type=Path, default=Path("gemv_tune.json"))
+    args = parser.parse_args()
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
+    rows = []
+    for name in args.models:
+        rows.extend(tune(name))
+    args.out.write_text(json.dumps({"copy_GBps": bw, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
