@@ -225,3 +225,8 @@ def cache_inspect(
 
 def main(argv: list[str] | None = None, prog_name: str = "portable") -> None:
     app(args=argv, prog_name=prog_name)
+
+
+from portable.bench.cli import bench_app  # noqa: E402  (registered last: the bench group lives in its own package)
+
+app.add_typer(bench_app, name="bench")

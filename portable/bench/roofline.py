@@ -1,0 +1,122 @@
+"""Bandwidth utilisation: what a decode step must read, and how close to the device's bandwidth it gets there.
+
+Cost model of one decode step (batch-1 decoding is bound by memory bandwidth, so bytes read set the limit):
+
+    read(step) = weights + sum over attention layers of  bytes_per_token x min(context, window)  + recurrent states
+
+`weights` are the model's unique parameter bytes (tied embeddings count once; an untied input embedding is left out,
+since a step reads only a row of it); the KV part grows with the context, which is why tg128@d4096 reads more than
+tg128. Achieved GB/s = bytes read by the timed steps / their time. The device's peak is measured once by a copy
+benchmark (`portable bench --measure-peak`, device.copy_bandwidth) and remembered per device in a small JSON file
+under the user cache folder ($PORTABLE_CACHE_DIR, else $XDG_CACHE_HOME/portable, else ~/.cache/portable).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from caches import PromptCache, RecurrentLayer, SlidingWindowLayer
+
+PEAK_FILE = "bench_bandwidth.json"
+
+
+def weight_bytes(model) -> int | None:
+    """Bytes of weights one decode step reads; None for a runner without a torch module (e.g. ONNX Runtime)."""
+    if model is None or not hasattr(model, "parameters"):
+        return None
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    embed_in = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embed_out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if embed_in is not None and (embed_out is None or embed_out.weight.data_ptr() != embed_in.weight.data_ptr()):
+        total -= embed_in.weight.numel() * embed_in.weight.element_size()
+    return total
+
+
+@dataclass
+class CostModel:
+    weights: int | None
+    attention: list[tuple[float, int]] = field(default_factory=list)  # per layer: (bytes per position, window or 0)
+    states: int = 0  # recurrent layers: state bytes read per step
+
+    @classmethod
+    def of(cls, weights: int | None, cache: PromptCache) -> "CostModel":
+        """Per-position sizes read off a prompt cache of the whole batch (so batch and dtype are included)."""
+        attention, states = [], 0
+        for layer in cache.layers:
+            if isinstance(layer, RecurrentLayer):
+                states += layer.nbytes
+            else:
+                kept = max(layer.keys.shape[2], 1)
+                window = layer.window if isinstance(layer, SlidingWindowLayer) else 0
+                attention.append((layer.nbytes / kept, window))
+        return cls(weights, attention, states)
+
+    def kv_bytes(self, positions: int) -> float:
+        """The cache's size after `positions` positions."""
+        return self.states + sum(per * (min(positions, w) if w else positions) for per, w in self.attention)
+
+    def read_bytes(self, start: int, steps: int) -> float | None:
+        """Bytes read by `steps` decode steps starting after `start` cached positions (step i sees start + i + 1)."""
+        if self.weights is None or steps <= 0:
+            return None
+        context = start + 1 + np.arange(steps, dtype=np.float64)
+        kv = sum(per * (np.minimum(context, w) if w else context) for per, w in self.attention)
+        return float(self.weights * steps + np.sum(kv) + self.states * steps)
+
+
+def cache_dir() -> Path:
+    if os.environ.get("PORTABLE_CACHE_DIR"):
+        return Path(os.environ["PORTABLE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "portable"
+
+
+def device_key(device_type: str, device_name: str) -> str:
+    return f"{device_type}:{device_name}"
+
+
+def _read() -> dict:
+    try:
+        return json.loads((cache_dir() / PEAK_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def remembered_peak(key: str) -> float | None:
+    entry = _read().get(key)
+    return float(entry["gbps"]) if isinstance(entry, dict) and "gbps" in entry else None
+
+
+def remember_peak(key: str, gbps: float, method: str) -> Path:
+    """Store a device's measured bandwidth (atomically: a concurrent reader never sees half a file)."""
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    data = _read()
+    data[key] = {"gbps": gbps, "method": method,
+                 "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    fd, tmp = tempfile.mkstemp(prefix=f".{PEAK_FILE}.", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, folder / PEAK_FILE)
+    return folder / PEAK_FILE
+
+
+def measure_peak(device) -> tuple[str, float]:
+    """Measure this device's copy bandwidth and remember it; returns (key, GB/s)."""
+    from portable.bench import device as dev
+
+    gbps = dev.copy_bandwidth(device)
+    key = device_key(device.type, dev.name(device))
+    remember_peak(key, gbps, "copy (read + write) of a 2 GiB GPU / 256 MiB CPU buffer, median of 5 rounds")
+    return key, gbps

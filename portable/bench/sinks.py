@@ -1,0 +1,172 @@
+"""Output: md (default), csv, json, jsonl — every format's columns come from `Result`'s fields, written once there.
+
+    json    a list of records, each with every sample and the environment
+    jsonl   one record per line
+    csv     one row per record; lists and dicts as JSON text, the environment as env.* columns
+    md      a table of the fields that have an `md` header (constant identifying columns go to the line above it),
+            then our/peer ratios and notes (timed regions, parity, errors)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from portable.bench.result import Result
+from portable.errors import PortableError
+
+FORMATS = ("md", "csv", "json", "jsonl")
+
+TIMED = {
+    "pp": "ppN: one prefill forward of N tokens per sequence, between device synchronisations",
+    "tg": "tgN: N decode steps (forward + greedy pick on the device, tokens read back every `sync` steps) from a "
+          "1-token prompt, or from a D-token cache file reloaded for each repetition (@dD, reload untimed)",
+    "pg": "pgP,G and suite configs: prefill + generation end to end; t/s counts prompt + generated tokens "
+          "(llama-bench), E2E t/s generated tokens only (seed 003)",
+}
+
+
+def records(results: list[Result]) -> list[dict]:
+    return [asdict(r) for r in results]
+
+
+def render(results: list[Result], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(records(results), indent=1) + "\n"
+    if fmt == "jsonl":
+        return "".join(json.dumps(r) + "\n" for r in records(results))
+    if fmt == "csv":
+        return to_csv(results)
+    if fmt == "md":
+        return markdown(results)
+    raise PortableError(f"unknown output format {fmt!r}; choose from {', '.join(FORMATS)}")
+
+
+def format_for(path: Path, fmt: str | None) -> str:
+    """The format of an output file: as given, or from its suffix."""
+    fmt = fmt or Path(path).suffix.lstrip(".").lower()
+    if fmt not in FORMATS:
+        raise PortableError(f"cannot tell the output format of {path}; name it .md, .csv, .json or .jsonl, or pass "
+                            f"--format")
+    return fmt
+
+
+def write(text: str, path: Path) -> None:
+    """Write atomically: a half-written file never replaces a good one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_csv(results: list[Result]) -> str:
+    data = records(results)
+    env_keys = sorted({k for r in data for k in r["environment"]})
+    names = [f.name for f in fields(Result) if f.name != "environment"]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(names + [f"env.{k}" for k in env_keys])
+    for r in data:
+        row = [_cell(r[n]) for n in names] + [_cell(r["environment"].get(k)) for k in env_keys]
+        writer.writerow(row)
+    return out.getvalue()
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _md_value(result: Result, f) -> str:
+    value = getattr(result, f.name)
+    if value is None or value == "":
+        return ""
+    digits = f.metadata["digits"]
+    text = f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    pm = f.metadata["pm"]
+    if pm and getattr(result, pm) is not None:
+        text += f" ± {getattr(result, pm):.{digits}f}"
+    return text
+
+
+def markdown(results: list[Result]) -> str:
+    if not results:
+        return "no results\n"
+    shown = [f for f in fields(Result) if f.metadata.get("md")]
+    cells = {f.name: [_md_value(r, f) for r in results] for f in shown}
+    header, columns = [], []
+    for f in shown:
+        values = cells[f.name]
+        if not any(values):
+            continue
+        if f.metadata["ident"] and len(set(values)) == 1:
+            header.append(f"{f.metadata['md']}: {values[0]}")
+        else:
+            columns.append(f)
+    lines = [" | ".join(header), ""] if header else []
+    lines.append("| " + " | ".join(f.metadata["md"] for f in columns) + " |")
+    lines.append("|" + "|".join("---" if f.metadata["ident"] or f.name in ("test", "config") else "---:"
+                                for f in columns) + "|")
+    for i in range(len(results)):
+        lines.append("| " + " | ".join(cells[f.name][i] for f in columns) + " |")
+    ratios = ratio_table(results)
+    if ratios:
+        lines += ["", ratios.rstrip("\n")]
+    lines += [""] + [f"- {n}" for n in notes(results)]
+    return "\n".join(lines) + "\n"
+
+
+def _point(r: Result) -> tuple:
+    return (r.model, r.backend, r.precision, r.attn, r.test, r.config, r.batch, r.threads, r.sampling)
+
+
+def ratio_table(results: list[Result]) -> str | None:
+    """Our t/s against each peer's on the same points: ratio > 1 means we are faster."""
+    ours = [r for r in results if r.engine == "portable" and r.vs_peer]
+    if not ours:
+        return None
+    engines = list(dict.fromkeys(e for r in ours for e in r.vs_peer))
+    peers = {(_point(r), r.engine): r for r in results if r.engine != "portable"}
+    head = ["model", "test", "batch", "ours t/s"] + [x for e in engines for x in (f"{e} t/s", f"ours/{e}")]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * (1 + 2 * len(engines))]
+    for r in ours:
+        row = [r.model, r.config or r.test, str(r.batch), f"{r.tps_median:.2f}"]
+        for e in engines:
+            peer = peers.get((_point(r), e))
+            row.append(f"{peer.tps_median:.2f}" if peer is not None and peer.tps_median else peer.status if peer
+                       else "")
+            row.append(f"{r.vs_peer[e]:.2f}x" if e in r.vs_peer else "")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def notes(results: list[Result]) -> list[str]:
+    out = []
+    kinds = {r.test[:2] for r in results}
+    out += [f"timed: {TIMED[k]}" for k in ("pp", "tg", "pg") if k in kinds]
+    out.append("mean ± stdev over repetitions after warm-up; median t/s = tokens / median time; P50/P95 over every "
+               "decode step of every repetition; JSON keeps every sample")
+    out += [f"parity: {p}" for p in dict.fromkeys(r.parity for r in results if r.parity)]
+    missing = sorted({r.device for r in results if r.gbps is not None and r.pct_peak is None})
+    if missing:
+        out.append(f"no measured peak bandwidth for {', '.join(missing)}: run `portable bench --measure-peak` once "
+                   f"(with the same --backend) for % of peak")
+    for r in results:
+        if not r.ok:
+            out.append(f"{r.engine} {r.config or r.test} batch {r.batch} {r.backend} {r.precision}: {r.status}"
+                       + (f" ({r.error})" if r.error else ""))
+    return out
