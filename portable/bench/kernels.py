@@ -119,15 +119,14 @@ def _host_timer(fn, reps: int = 3) -> tuple[float, float, float]:
 
 
 def _kernel_modules(interpret: bool):
-    """Import the kernel modules in the requested mode (Triton reads TRITON_INTERPRET when a kernel is defined)."""
+    """Import the kernel modules in the requested mode (Triton reads TRITON_INTERPRET when it is imported and when a
+    kernel is defined)."""
     from portable.bench import device as dev
 
     if not interpret and not dev.gpu_available():
         raise PortableError("`portable bench kernels` needs a GPU: the Triton kernels compile for CUDA/ROCm. Pass "
                             "--interpret to run them in Triton's CPU interpreter with tiny sizes (for testing the "
                             "harness; the timings mean nothing).")
-    if interpret:
-        os.environ["TRITON_INTERPRET"] = "1"
     try:
         import backends.kernels as k
         from backends.kernels import activation, attention, gemv, norms, rope  # noqa: F401
@@ -142,6 +141,8 @@ def _kernel_modules(interpret: bool):
 def run(names: tuple[str, ...], dtype: str = "bf16", out: Path = Path("bench-kernels"),
         interpret: bool = False) -> list[tuple[str, Path]]:
     """Benchmark the named kernels; write <kernel>.png and <kernel>.csv under `out`; return (table text, png)."""
+    if interpret:
+        os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton in this process
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,6 +191,6 @@ def run(names: tuple[str, ...], dtype: str = "bf16", out: Path = Path("bench-ker
         plt.close()
         lines = [f"{bench.plot_name}:", f"{xlabel:>12} {'Triton GB/s':>12} {'PyTorch GB/s':>13} {'speed-up':>9}"]
         for r in rows:
-            lines.append(f"{r[0]:>12} {r[1]:>12.2f} {r[5]:>13.2f} {r[1] / r[5]:>8.2f}x")
+            lines.append(f"{r[0]:>12} {r[1]:>12.4g} {r[5]:>13.4g} {r[1] / r[5]:>8.3g}x")
         reports.append(("\n".join(lines), png))
     return reports

@@ -65,8 +65,8 @@ class Peers:
         out = []
         for engine in self.engines(point.key.backend):
             result = base_result(point, spec, engine=engine)
-            result.kernels = "-"
-            result.sync_every = 0
+            result.kernels = None
+            result.sync_every = None
             done = 0
 
             def counted(label: str, n: int) -> None:

@@ -50,7 +50,7 @@ def plan(spec: SweepSpec) -> list[tuple[LoadKey, list[RunPoint]]]:
         key = LoadKey(model, backend, precision, attn, kernels, spec.compile)
         groups.setdefault(key, [])
     for key, points in groups.items():
-        for t, test in enumerate(spec.tests):
+        for test in spec.tests:
             for batch in sorted(spec.batches):
                 for threads in spec.threads or (None,):
                     for sync_every in spec.sync_every:

@@ -25,7 +25,7 @@ class Result:
     backend: str = col("backend", "", ident=True)
     precision: str = col("precision", "", ident=True)
     attn: str = col("attn", "", ident=True)
-    kernels: str = col("kernels", "", ident=True)
+    kernels: str | None = col("kernels", "", ident=True)
     device: str = col("device", "", ident=True)  # the device's name (GPU model or CPU model)
     batch: int = col("batch", 1)
     threads: int | None = col("threads", ident=True)
@@ -33,7 +33,7 @@ class Result:
     n_gen: int = col(None, 0)  # generated tokens per sequence (tg, pg)
     depth: int = col(None, 0)  # tokens in the cache a tg test starts from
     sampling: str = col("sampling", "greedy", ident=True)
-    sync_every: int = col("sync", 1, ident=True)
+    sync_every: int | None = col("sync", 1, ident=True)  # None for peers (they sync as generate does)
     status: str = col("status", "ok", ident=True)  # ok | oom | error | skipped
     error: str | None = col()
     # --- the test's own throughput, over `reps` repetitions after `warmup` untimed ones

@@ -32,6 +32,8 @@ class TestSpec:
     1-token prompt when depth is 0).  pg: prefill `n_prompt` tokens, then generate `n_gen` tokens, end to end.
     """
 
+    __test__ = False  # not a pytest class, despite its name
+
     kind: str
     n_prompt: int = 0
     n_gen: int = 0
