@@ -93,6 +93,13 @@ def test_plan_loads_each_model_configuration_once_and_sorts_batches():
                                                           ("pp8", 8), ("pp8", 64)]
 
 
+def test_decode_read_back_defaults_to_16_steps_on_gpus_and_every_step_elsewhere():
+    spec = SweepSpec(backends=("cpu", "cuda", "rocm"), tests=parse_tests("tg8"))
+    assert {key.backend: [p.sync_every for p in points] for key, points in plan(spec)} == {
+        "cpu": [1], "cuda": [16], "rocm": [16]}
+    assert [p.sync_every for _, points in plan(spec.replace(sync_every=(4, 8))) for p in points] == [4, 8] * 3
+
+
 # ---- cost model, results, sinks -----------------------------------------------------------------------------------
 
 def _cache(layers):

@@ -42,7 +42,7 @@ def bench(
     repetitions: Annotated[Optional[int], typer.Option("--repetitions", "-r", min=1, help="Timed repetitions (5).")] = None,
     warmup: Annotated[Optional[int], typer.Option("--warmup", min=0, help="Untimed repetitions first (1).")] = None,
     sync_every: Annotated[ListOpt, typer.Option("--sync-every", help=(
-        "GPU backends: read tokens back every N decode steps (16).") )] = None,
+        "Read generated tokens back every N decode steps (default 16 on GPUs, 1 elsewhere).") )] = None,
     threads: Annotated[ListOpt, typer.Option("--threads", help="CPU threads (torch.set_num_threads).")] = None,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="GPU backends: capture the decode step.")] = True,
     device: Annotated[Optional[str], typer.Option("--device", help="Device, e.g. cuda:1.")] = None,

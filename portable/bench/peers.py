@@ -24,14 +24,13 @@ import torch
 
 from portable import models
 from portable.bench import device as dev
-from portable.bench.plan import RunPoint
+from portable.bench.plan import GPU_BACKENDS, RunPoint
 from portable.bench.result import Result
 from portable.bench.run import Rep, _fail, base_result, prompt, summarize
 from portable.bench.spec import SweepSpec, TestSpec
 from portable.errors import PortableError
 
 PEERS = ("hf",)
-GPU_BACKENDS = ("cuda", "rocm")
 
 
 class Peers:

@@ -160,6 +160,8 @@ def notes(results: list[Result]) -> list[str]:
     out += [f"timed: {TIMED[k]}" for k in ("pp", "tg", "pg") if k in kinds]
     out.append("mean ± stdev over repetitions after warm-up; median t/s = tokens / median time; P50/P95 over every "
                "decode step of every repetition; JSON keeps every sample")
+    if any((r.sync_every or 1) > 1 and r.step_p50_ms is not None for r in results):
+        out.append("with sync N > 1 the N steps between two read-backs share their time equally (P50/P95 of those)")
     out += [f"parity: {p}" for p in dict.fromkeys(r.parity for r in results if r.parity)]
     missing = sorted({r.device for r in results if r.gbps is not None and r.pct_peak is None})
     if missing:

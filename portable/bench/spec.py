@@ -158,7 +158,7 @@ class SweepSpec:
     kernels: tuple[str, ...] = ("triton",)  # as `portable decode`: GPU backends use the fused Triton kernels
     batches: tuple[int, ...] = (1,)
     threads: tuple[int, ...] = ()  # CPU threads (torch.set_num_threads); empty: leave as it is
-    sync_every: tuple[int, ...] = (16,)  # GPU backends read tokens back every N steps (seed 000 times whole loops)
+    sync_every: tuple[int, ...] = ()  # read tokens back every N decode steps; empty: plan.sync_every_for(backend)
     tests: tuple[TestSpec, ...] = parse_tests("pp512,tg128")
     repetitions: int = 5
     warmup: int = 1  # untimed repetitions of each point first (kernel selection, graph capture, allocator growth)
