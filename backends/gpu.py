@@ -58,7 +58,7 @@ class TorchGpuBackend:
         if config.compile and config.attn != "eager":
             from backends import llama_fast
 
-            if llama_fast.supports(loaded.model):
+            if llama_fast.supports(loaded.model) is None:  # supports() returns why not, or None
                 return llama_fast.FastRunner(loaded, backend=self.name, config=config, device=device)
         return HFRunner(loaded, backend=self.name, precision=config.precision, device=device)
 
