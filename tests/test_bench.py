@@ -15,7 +15,7 @@ from portable.bench import device as dev
 from portable.bench import roofline, run, sinks
 from portable.bench.plan import plan
 from portable.bench.result import Result
-from portable.bench.spec import SweepSpec, TestSpec, parse_ints, parse_names, parse_tests
+from portable.bench.spec import SweepSpec, parse_ints, parse_names, parse_tests
 from portable.bench.suites import CONFIGS, TIERS, suite
 from portable.cli import app
 from portable.errors import PortableError

@@ -12,8 +12,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from portable.bench.plan import GPU_SYNC_EVERY
+from portable.bench.spec import SweepSpec
 from portable.cli_options import BACKEND_NAMES, Debug, command
 from portable.config import ALL_PRECISIONS, ATTENTION, KERNELS
+
+DEFAULTS = SweepSpec()
 
 bench_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                         help="Benchmark sweeps (pp512, tg128, pg512,128, tg128@d4096), suites, peers, kernels.")
@@ -29,22 +33,25 @@ def bench(
         "Models: 'default', a folder, a hub id or preset:NAME (llama-3.2-1b, qwen3-1.7b, gemma3-1b, santacoder-1b, "
         "mistral-7b, mamba-1.4b); a comma list."))] = None,
     backend: Annotated[ListOpt, typer.Option("--backend", "-b", help=f"Backends: {', '.join(BACKEND_NAMES)}.")] = None,
-    precision: Annotated[ListOpt, typer.Option("--precision", "-p", help="fp32, fp16, bf16 (int8: onnxruntime).")] = None,
+    precision: Annotated[ListOpt, typer.Option("--precision", "-p", help="fp32, fp16, bf16 (int8: onnxruntime).")
+                         ] = None,
     attn: Annotated[ListOpt, typer.Option("--attn", help=f"Attention: {', '.join(ATTENTION)}.")] = None,
     kernels: Annotated[ListOpt, typer.Option("--kernels", help="GPU backends: triton or torch.")] = None,
     batch: Annotated[ListOpt, typer.Option("--batch", help="Batch sizes: 1,8,64 or 1-4096*2.")] = None,
     tests: Annotated[ListOpt, typer.Option("--tests", "-t", help=(
         "Tests: ppN (prefill), tgN (decode), pgP,G (both), tgN@dD (decode after a D-token cache). "
-        "Default pp512,tg128."))] = None,
+        f"Default {','.join(t.name for t in DEFAULTS.tests)}."))] = None,
     suite: Annotated[Optional[str], typer.Option("--suite", help=(
         "Seed-003 suite instead of --tests: quick (short, medium), standard (+ prefill, decode, sampled), full "
         "(+ long, full-pipe)."))] = None,
-    repetitions: Annotated[Optional[int], typer.Option("--repetitions", "-r", min=1, help="Timed repetitions (5).")] = None,
-    warmup: Annotated[Optional[int], typer.Option("--warmup", min=0, help="Untimed repetitions first (1).")] = None,
+    repetitions: Annotated[Optional[int], typer.Option("--repetitions", "-r", min=1, help=f"Timed repetitions ({DEFAULTS.repetitions}).")
+                           ] = None,
+    warmup: Annotated[Optional[int], typer.Option("--warmup", min=0, help=f"Untimed repetitions first ({DEFAULTS.warmup}).")] = None,
     sync_every: Annotated[ListOpt, typer.Option("--sync-every", help=(
-        "Read generated tokens back every N decode steps (default 16 on GPUs, 1 elsewhere).") )] = None,
+        f"Read generated tokens back every N decode steps (default {GPU_SYNC_EVERY} on GPUs, 1 elsewhere)."))] = None,
     threads: Annotated[ListOpt, typer.Option("--threads", help="CPU threads (torch.set_num_threads).")] = None,
-    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="GPU backends: capture the decode step.")] = True,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="GPU backends: capture the decode step.")
+                       ] = True,
     device: Annotated[Optional[str], typer.Option("--device", help="Device, e.g. cuda:1.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the random prompt token ids.")] = None,
     compare: Annotated[ListOpt, typer.Option("--compare", help=(
@@ -70,13 +77,13 @@ def bench(
     if ctx.invoked_subcommand is not None:
         return
     from portable.bench import sinks
-    from portable.bench.spec import SweepSpec, parse_ints, parse_names, parse_tests
+    from portable.bench.spec import parse_ints, parse_names, parse_tests
     from portable.bench.suites import suite as suite_tests
     from portable.errors import PortableError
 
     if tests and suite:
         raise PortableError("give --tests or --suite, not both")
-    base = SweepSpec()
+    base = DEFAULTS
     spec = SweepSpec(
         models=parse_names(model, "model") if model else base.models,
         backends=parse_names(backend, "backend", BACKEND_NAMES) if backend else base.backends,
