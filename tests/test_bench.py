@@ -262,8 +262,12 @@ def test_an_out_of_memory_point_becomes_a_row_and_the_sweep_goes_on(monkeypatch)
         return real(self, input_ids, attention_mask)
 
     monkeypatch.setattr(HFRunner, "prefill", prefill)
+    loads = []
+    real_load = run.load_runner
+    monkeypatch.setattr(run, "load_runner", lambda key, spec: loads.append(key) or real_load(key, spec))
     result = invoke("-t", "pp8,tg4", "--batch", "1,4,8", "-r", "2", "-o", "json", *FAST)
     assert result.exit_code == 0, result.output
+    assert len(loads) == 2  # loaded afresh after pp8's out-of-memory point (tg4's is the last point that runs)
     rows = {(r["test"], r["batch"]): r for r in json.loads(result.stdout)}
     for test in ("pp8", "tg4"):
         assert rows[test, 1]["status"] == "ok" and len(rows[test, 1]["samples_s"]) == 2

@@ -46,6 +46,10 @@ class Peers:
             return []
         return ["hf-dynamic"] + (["hf-static-compile"] if backend in GPU_BACKENDS else [])
 
+    def release(self) -> None:
+        """Forget the model loaded for a runner (at the end of its group, or when it is reloaded)."""
+        self._loaded = None
+
     def count_for(self, backend: str) -> int:
         return len(self.engines(backend))
 

@@ -262,72 +262,98 @@ def run_sweep(spec: SweepSpec, progress: Progress | None = None, peers=None) -> 
     progress = progress or (lambda label, n: None)
     results: list[Result] = []
     threads_before = torch.get_num_threads()
-    ours = spec.warmup + spec.repetitions
-    with tempfile.TemporaryDirectory(prefix="portable-bench-") as tmp:
-        for key, points in plan(spec):
-            theirs = ours * (peers.count_for(key.backend) if peers else 0)
-            try:
-                source, backend, runner = load_runner(key, spec)
-            except Exception as e:
-                if not (isinstance(e, PortableError) or dev.is_out_of_memory(e)):
-                    raise
-                for point in points:
-                    result = _fail(base_result(point, spec), e)
-                    result.environment = environment()
-                    results.append(result)
-                    progress(point.label, ours + theirs)
-                continue
-            env = {**environment(), "backend": backend.describe(), "runner": dict(runner.info.details)}
-            peak = roofline.remembered_peak(roofline.device_key(runner.device.type, runner.info.device_name))
-            out_of_memory_at: dict[tuple, int] = {}
-            for point in points:
-                family = (point.test, point.threads, point.sync_every)
-                if point.threads:
-                    torch.set_num_threads(point.threads)
-                done = 0
-
-                def counted(label: str, n: int) -> None:
-                    nonlocal done
-                    done += n
-                    progress(label, n)
-
-                if family in out_of_memory_at:
-                    result = base_result(point, spec)
-                    result.status = "skipped"
-                    result.error = f"batch {out_of_memory_at[family]} already ran out of memory"
-                else:
-                    try:
-                        result = measure(runner, point, spec, Path(tmp), peak, counted)
-                    except Exception as e:
-                        if not (isinstance(e, PortableError) or dev.is_out_of_memory(e)):
-                            raise
-                        result = _fail(base_result(point, spec), e)
-                        if result.status == "oom":
-                            out_of_memory_at[family] = point.batch
-                        dev.release_memory(runner.device)
-                progress(point.label, ours - done)
-                _finish(result, runner, source, env)
-                results.append(result)
-                if peers and result.ok:
-                    for peer in peers.measure(runner, point, spec, progress):
-                        _finish(peer, runner, source, env)
-                        results.append(peer)
-                        if peer.ok and peer.tps_median:
-                            result.vs_peer[peer.engine] = result.tps_median / peer.tps_median
-                elif peers:
-                    progress(point.label, theirs)
-                dev.release_memory(runner.device)
-            device = runner.device
-            del runner
-            dev.release_memory(device)
-    torch.set_num_threads(threads_before)
+    try:
+        with tempfile.TemporaryDirectory(prefix="portable-bench-") as tmp:
+            for key, points in plan(spec):
+                results += _run_group(key, points, spec, Path(tmp), peers, progress)
+    finally:
+        torch.set_num_threads(threads_before)
     return results
 
 
-def _finish(result: Result, runner, source, env: dict) -> None:
-    result.device = runner.info.device_name
+def _recoverable(error: BaseException) -> bool:
+    return isinstance(error, PortableError) or dev.is_out_of_memory(error)
+
+
+def _run_group(key: LoadKey, points: list[RunPoint], spec: SweepSpec, workdir: Path, peers,
+               progress: Progress) -> list[Result]:
+    """The points of one loaded runner. After an out-of-memory point the runner is loaded afresh for the next point
+    that runs: a failed allocation can leave it half-prepared (a static cache, a graph capture)."""
+    results: list[Result] = []
+    ours = spec.warmup + spec.repetitions
+    theirs = ours * (peers.count_for(key.backend) if peers else 0)
+    runner = info = source = env = peak = None
+    out_of_memory_at: dict[tuple, int] = {}
+    for i, point in enumerate(points):
+        family = (point.test, point.threads, point.sync_every)
+        skip = family in out_of_memory_at
+        if runner is None and not skip:
+            try:
+                source, backend, runner = load_runner(key, spec)
+            except Exception as e:
+                if not _recoverable(e):
+                    raise
+                for rest in points[i:]:
+                    result = _fail(base_result(rest, spec), e)
+                    result.environment = environment()
+                    results.append(result)
+                    progress(rest.label, ours + theirs)
+                return results
+            info = runner.info
+            env = {**environment(), "backend": backend.describe(), "runner": dict(info.details)}
+            peak = roofline.remembered_peak(roofline.device_key(runner.device.type, info.device_name))
+        if point.threads:
+            torch.set_num_threads(point.threads)
+        done = 0
+
+        def counted(label: str, n: int) -> None:
+            nonlocal done
+            done += n
+            progress(label, n)
+
+        if skip:
+            result = base_result(point, spec)
+            result.status = "skipped"
+            result.error = f"batch {out_of_memory_at[family]} already ran out of memory"
+        else:
+            try:
+                result = measure(runner, point, spec, workdir, peak, counted)
+            except Exception as e:
+                if not _recoverable(e):
+                    raise
+                result = _fail(base_result(point, spec), e)
+        progress(point.label, ours - done)
+        _finish(result, info, source, env)
+        results.append(result)
+        if peers and result.ok:
+            for peer in peers.measure(runner, point, spec, progress):
+                _finish(peer, info, source, env)
+                results.append(peer)
+                if peer.ok and peer.tps_median:
+                    result.vs_peer[peer.engine] = result.tps_median / peer.tps_median
+        elif peers:
+            progress(point.label, theirs)
+        if runner is None:
+            continue
+        device = runner.device
+        if result.status == "oom":
+            out_of_memory_at[family] = point.batch
+            runner = None  # loaded afresh for the next point that runs
+            if peers:
+                peers.release()
+        dev.release_memory(device)
+    if runner is not None:
+        device, runner = runner.device, None
+        if peers:
+            peers.release()
+        dev.release_memory(device)
+    return results
+
+
+def _finish(result: Result, info, source, env: dict) -> None:
+    result.device = info.device_name
     if result.engine == "portable":
-        result.model_load_s = runner.info.model_load_s
-        result.compile_s = runner.info.compile_s
+        result.model_load_s = info.model_load_s
+        result.compile_s = info.compile_s
     result.parity = parity_note(source)
     result.environment = env
