@@ -276,6 +276,7 @@ def test_an_out_of_memory_point_becomes_a_row_and_the_sweep_goes_on(monkeypatch)
         assert rows[test, 4]["environment"]["commit"] == rows[test, 1]["environment"]["commit"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where cuda cannot run")
 def test_an_unavailable_backend_gives_error_rows_and_the_rest_runs():
     result = invoke("-b", "cpu,cuda", "-t", "pp8", "-r", "1", "-o", "jsonl", *FAST)
     assert result.exit_code == 0, result.output
@@ -283,6 +284,14 @@ def test_an_unavailable_backend_gives_error_rows_and_the_rest_runs():
     status = {r["backend"]: r["status"] for r in rows}
     assert status == {"cpu": "ok", "cuda": "error"}
     assert "not available" in next(r["error"] for r in rows if r["backend"] == "cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where cuda cannot run")
+def test_a_sweep_where_nothing_runs_still_reports_and_exits_non_zero():
+    result = invoke("-b", "cuda", "-t", "pp8", "-r", "1", "-o", "jsonl", *FAST)
+    assert result.exit_code == 2 and "no point could be measured" in result.output
+    (row,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert row["status"] == "error" and row["environment"]["torch"]
 
 
 def test_depth_test_reloads_its_cache_file_for_every_repetition(monkeypatch):
@@ -307,7 +316,7 @@ def test_quick_suite_with_hf_peer_prints_ratios_and_writes_the_file(tmp_path):
     out = tmp_path / "suite.json"
     result = invoke("--suite", "quick", "--compare", "hf", "-r", "2", "-o", out, *FAST)
     assert result.exit_code == 0, result.output
-    assert "ours/hf-dynamic" in result.stdout and "| default | medium | 1 |" in result.stdout
+    assert "ours/hf-dynamic" in result.stdout and "| default | cpu | fp32 | medium | 1 |" in result.stdout
     rows = json.loads(out.read_text())
     assert [(r["config"], r["engine"]) for r in rows] == [("short", "portable"), ("short", "hf-dynamic"),
                                                            ("medium", "portable"), ("medium", "hf-dynamic")]

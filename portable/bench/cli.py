@@ -121,6 +121,8 @@ def bench(
         ratios = sinks.ratio_table(results)
         if out_format != "md" and ratios:
             typer.echo(ratios, err=True, nl=False)  # stdout stays pure JSON / CSV
+    if not any(r.ok for r in results):
+        raise PortableError("no point could be measured (see the status of each row)")
 
 
 def _output(output: str | None, fmt: str | None) -> tuple[str, Path | None]:

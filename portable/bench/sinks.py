@@ -141,10 +141,11 @@ def ratio_table(results: list[Result]) -> str | None:
         return None
     engines = list(dict.fromkeys(e for r in ours for e in r.vs_peer))
     peers = {(_point(r), r.engine): r for r in results if r.engine != "portable"}
-    head = ["model", "test", "batch", "ours t/s"] + [x for e in engines for x in (f"{e} t/s", f"ours/{e}")]
-    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * (1 + 2 * len(engines))]
+    head = ["model", "backend", "precision", "test", "batch", "ours t/s"] + [
+        x for e in engines for x in (f"{e} t/s", f"ours/{e}")]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|---|---:|" + "---:|" * (1 + 2 * len(engines))]
     for r in ours:
-        row = [r.model, r.config or r.test, str(r.batch), f"{r.tps_median:.2f}"]
+        row = [r.model, r.backend, r.precision, r.config or r.test, str(r.batch), f"{r.tps_median:.2f}"]
         for e in engines:
             peer = peers.get((_point(r), e))
             row.append(f"{peer.tps_median:.2f}" if peer is not None and peer.tps_median else peer.status if peer
