@@ -1,0 +1,178 @@
+"""Compiled artifacts on disk: build once, save, load on every later run.
+
+A backend whose ready-to-run form is slow to build (an exported ONNX graph, a compiled CUDA package) keeps it here.
+An artifact is a folder named by a digest of its *key* -- a flat dict of everything the built result depends on
+(model fingerprint, precision, opset, exporter and runtime versions, ...) -- holding the files the backend writes and
+`artifact.json` (the key, what was built, when, and how long each stage took). Change any key field and the next run
+builds a new artifact; keep them all and it loads the saved one.
+
+Folders are built under a temporary name next to their final place and renamed into it, so a crash or Ctrl-C never
+leaves a half-written artifact where a later run would find it. `rebuild=True` builds afresh and replaces the old
+folder the same way.
+
+Where: `RunConfig.artifact_dir`, else `$PORTABLE_CACHE_DIR/artifacts`, else `~/.cache/portable/artifacts`.
+
+Each stage (compile, save, load) is timed on its own and shows a spinner on stderr when stderr is a terminal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Generic, Iterator, TypeVar
+
+from portable.errors import PortableError
+
+MANIFEST = "artifact.json"
+FORMAT = "portable-artifact"
+
+Built = TypeVar("Built")
+Loaded = TypeVar("Loaded")
+
+
+def default_root() -> Path:
+    base = os.environ.get("PORTABLE_CACHE_DIR")
+    if base:
+        return Path(base).expanduser() / "artifacts"
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "portable" / "artifacts"
+
+
+def digest(key: dict) -> str:
+    return hashlib.sha256(_canonical(key).encode()).hexdigest()[:16]
+
+
+def _canonical(key: dict) -> str:
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+@dataclass
+class Artifact(Generic[Loaded]):
+    """A loaded artifact and how it got here. `compile_s` and `save_s` are None when it was reused."""
+
+    value: Loaded
+    path: Path
+    manifest: dict
+    reused: bool
+    compile_s: float | None
+    save_s: float | None
+    load_s: float
+
+
+class Stages:
+    """Spinners for long stages on stderr (only on a terminal, and not when quiet); each stage is timed."""
+
+    def __init__(self, enabled: bool | None = None):
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str, label: str) -> Iterator[None]:
+        start = time.perf_counter()
+        if not self.enabled:
+            yield
+        else:
+            from rich.console import Console
+
+            console = Console(stderr=True)
+            with console.status(f"{label}..."):
+                yield
+            console.print(f"[green]done[/] {label} ({time.perf_counter() - start:.2f} s)", highlight=False)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class ArtifactStore:
+    """Artifacts of one kind ("onnx", ...) under one root folder."""
+
+    def __init__(self, root: Path | None = None, stages: Stages | None = None):
+        self.root = Path(root).expanduser() if root is not None else default_root()
+        self.stages = stages or Stages(enabled=False)
+
+    def folder(self, kind: str, key: dict) -> Path:
+        return self.root / f"{kind}-{digest(key)}"
+
+    def find(self, kind: str, key: dict) -> Path | None:
+        """The folder of a complete artifact with exactly this key, if there is one."""
+        folder = self.folder(kind, key)
+        manifest = read_manifest(folder)
+        if manifest is None or _canonical(manifest.get("key", {})) != _canonical(key):
+            return None
+        return folder
+
+    def get(self, kind: str, key: dict, *, compile: Callable[[], Built], save: Callable[[Built, Path], dict],
+            load: Callable[[Path, dict], Loaded], rebuild: bool = False, label: str = "artifact") -> Artifact[Loaded]:
+        """Load the artifact with this key, building and saving it first if there is none (or if `rebuild`).
+
+        compile() -> built object (in memory); save(built, folder) writes its files into `folder` and returns
+        metadata for the manifest; load(folder, manifest) -> the ready object. Each is timed separately.
+        """
+        folder = None if rebuild else self.find(kind, key)
+        compile_s = save_s = None
+        if folder is None:
+            built, compile_s = self._timed("compile", f"Building {label}", compile)
+            folder, save_s = self._timed("save", f"Saving {label}", lambda: self._save(kind, key, built, save))
+            del built
+        manifest = read_manifest(folder) or {}
+        value, load_s = self._timed("load", f"Loading {label}", lambda: load(folder, manifest))
+        return Artifact(value=value, path=folder, manifest=manifest, reused=compile_s is None, compile_s=compile_s,
+                        save_s=save_s, load_s=load_s)
+
+    def _timed(self, name: str, label: str, fn: Callable):
+        start = time.perf_counter()
+        with self.stages.stage(name, label):
+            result = fn()
+        return result, time.perf_counter() - start
+
+    def _save(self, kind: str, key: dict, built, save: Callable[[object, Path], dict]) -> Path:
+        final = self.folder(kind, key)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".building-{final.name}-", dir=self.root))
+            tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache folder from other users
+        except OSError as e:
+            raise PortableError(f"cannot write compiled artifacts under {self.root} ({e.strerror or e}); choose "
+                                f"another folder with --artifact-dir or $PORTABLE_CACHE_DIR") from e
+        try:
+            meta = save(built, tmp) or {}
+            manifest = {"format": FORMAT, "version": 1, "kind": kind, "key": key,
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **meta}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
+            _replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+
+def read_manifest(folder: Path) -> dict | None:
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """Move the finished folder `tmp` to `final`, replacing an older one (never leaving `final` half-written)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}-{time.monotonic_ns()}")
+        try:
+            os.rename(final, old)
+        except FileNotFoundError:  # removed meanwhile by another run
+            old = None
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not final.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another run finished the same artifact first: keep theirs
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
