@@ -21,6 +21,7 @@ class Architecture:
     mask_during_decode: bool = True  # generate() passes the 2-d attention mask on decode steps
     llama_family: bool = False  # served by our own fused decode forward on GPU (backends/llama_fast.py)
     onnx_export: bool = True  # torch.onnx.export (dynamo) can take it (backends/onnxruntime.py)
+    onnx_prefill: bool = True  # ... its prefill too (Mamba: the decode step only; its scan loops over the prompt)
 
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
@@ -31,7 +32,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     Architecture("gpt_bigcode", "gpt_bigcode", ("full_attention",)),
     # generate() drops the mask after the first step for Mamba (MambaForCausalLM.prepare_inputs_for_generation).
     Architecture("mamba", "mamba", ("recurrent",), cache_arg="cache_params", uses_positions=False,
-                 mask_during_decode=False, onnx_export=False),
+                 mask_during_decode=False, onnx_prefill=False),
 )}
 
 
