@@ -116,8 +116,8 @@ def check_identity(cache: PromptCache, loaded: dict, force: bool) -> list[str]:
 
 def _eos_ids(runner) -> frozenset[int]:
     ids = set()
-    for holder in (runner.config, getattr(runner.model, "generation_config", None) if hasattr(runner, "model")
-                   else None, runner.tokenizer):
+    generation = getattr(runner.model, "generation_config", None) if hasattr(runner, "model") else None
+    for holder in (runner.config, generation or getattr(runner, "generation_config", None), runner.tokenizer):
         value = getattr(holder, "eos_token_id", None)
         if isinstance(value, int):
             ids.add(value)
