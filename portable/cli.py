@@ -230,3 +230,38 @@ def main(argv: list[str] | None = None, prog_name: str = "portable") -> None:
 from portable.bench.cli import bench_app  # noqa: E402  (registered last: the bench group lives in its own package)
 
 app.add_typer(bench_app, name="bench")
+
+
+@app.command("export")
+@command
+def export_artifact(
+    model: Model = None,
+    backend: Backend = "onnxruntime",
+    precision: Precision = "fp32",
+    ort_provider: OrtProvider = None,
+    device: Device = None,
+    rebuild: Rebuild = False,
+    artifact_dir: ArtifactDir = None,
+    json_path: JsonOut = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+):
+    """Build and save a backend's compiled artifact (the ONNX graph) without decoding, for machines that only load.
+
+    Prints where it went and the compile (export + optimisation), save and load times. An existing artifact is
+    reused unless --rebuild.
+    """
+    from portable import export as export_job
+    from portable.report import megabytes, write_json
+
+    config = RunConfig(model=model, backend=backend, precision=precision, device=device, ort_provider=ort_provider,
+                       rebuild=rebuild, artifact_dir=artifact_dir, quiet=quiet)
+    report = export_job.export(config)
+    what = f"{report.backend} {report.precision} artifact of {report.model}"
+    typer.echo(f"{'Reused the saved' if report.reused else 'Saved'} {what} in {report.artifact} "
+               f"({', '.join(report.files)}; {megabytes(report.bytes)})")
+    times = [(name, value) for name, value in (("compile", report.compile_s), ("save", report.save_s),
+                                               ("load", report.load_s)) if value is not None]
+    typer.echo(" | ".join(f"{name} {value:.2f} s" for name, value in times))
+    if json_path:
+        write_json(report, json_path)
