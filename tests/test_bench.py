@@ -298,21 +298,25 @@ def test_a_sweep_where_nothing_runs_still_reports_and_exits_non_zero():
 
 
 def test_depth_test_reloads_its_cache_file_for_every_repetition(monkeypatch):
-    loads = []
+    loads, earlier_files_left = [], []
     real = run.load_cache
 
     def counting(path, *args, **kwargs):
+        earlier_files_left.extend(p for p in set(loads) if p != path and p.exists())
         loads.append(path)
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(run, "load_cache", counting)
-    result = invoke("-t", "tg4@d48", "-r", "2", "-o", "json", *FAST)
+    result = invoke("-t", "tg4@d48", "--batch", "1,2", "-r", "2", "-o", "json", *FAST)
     assert result.exit_code == 0, result.output
-    (row,) = json.loads(result.stdout)
-    assert len(loads) == 3 and len(set(loads)) == 1  # one file, reloaded for the warm-up and both repetitions
-    assert row["test"] == "tg4@d48" and row["depth_cache_load_s"] > 0 and len(row["step_ms"][0]) == 4
+    rows = json.loads(result.stdout)
+    # one file per point, reloaded for the warm-up and both repetitions; a point's file is gone before the next
+    assert len(loads) == 6 and len(set(loads[:3])) == 1 and len(set(loads)) == 2
+    assert earlier_files_left == []
+    for row in rows:
+        assert row["test"] == "tg4@d48" and row["depth_cache_load_s"] > 0 and len(row["step_ms"][0]) == 4
     shallow = json.loads(invoke("-t", "tg4", "-r", "1", "-o", "json", *FAST).stdout)[0]
-    assert row["read_per_step_mb"] > shallow["read_per_step_mb"]  # the deeper cache is read every step
+    assert rows[0]["read_per_step_mb"] > shallow["read_per_step_mb"]  # the deeper cache is read every step
 
 
 def test_quick_suite_with_hf_peer_prints_ratios_and_writes_the_file(tmp_path):

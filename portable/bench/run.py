@@ -225,6 +225,16 @@ def measure(runner, point: RunPoint, spec: SweepSpec, workdir: Path, peak_gbps: 
     """One point on a loaded runner: warm-up, timed repetitions, statistics, and the --profile trace."""
     result = base_result(point, spec)
     m = PointMeasure(runner, point, spec.seed, workdir)
+    try:
+        _repeat(m, runner, point, spec, result, peak_gbps, progress)
+    finally:
+        if m.depth_file is not None:
+            m.depth_file.unlink(missing_ok=True)  # a depth cache of a large batch is large: one at a time on disk
+    return result
+
+
+def _repeat(m: PointMeasure, runner, point: RunPoint, spec: SweepSpec, result: Result, peak_gbps: float | None,
+            progress: Progress) -> None:
     for _ in range(spec.warmup):
         m.once()
         progress(point.label, 1)
@@ -245,7 +255,6 @@ def measure(runner, point: RunPoint, spec: SweepSpec, workdir: Path, peak_gbps: 
             short = replace(short, n_gen=min(short.n_gen, PROFILE_STEPS))
             m.once(short)  # its own shape: graph capture happens here, not in the trace
         result.trace = str(trace(runner.device, lambda: m.once(short), spec.profile_dir, point))
-    return result
 
 
 def load_runner(key: LoadKey, spec: SweepSpec):
