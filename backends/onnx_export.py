@@ -45,7 +45,7 @@ from portable import architectures
 from portable.errors import PortableError
 
 OPSET = 23  # the first with the Attention and RMSNormalization operators
-GRAPH_VERSION = 1  # bump when the wrapper below computes something different: saved artifacts are keyed by it
+GRAPH_VERSION = 3  # bump when the wrapper below computes something different: saved artifacts are keyed by it
 ATTENTION = "portable_onnx"
 METADATA_KEY = "portable.graph"
 
@@ -179,6 +179,124 @@ class RecurrentStepGraph(torch.nn.Module):
         out = self.model(input_ids=input_ids, use_cache=True, **{self.cache_arg: cache})
         return (out.logits[:, -1:].float(), *[t for layer in cache.layers
                                       for t in (layer.conv_states[0], layer.recurrent_states[0])])
+
+
+# --- graph optimisations (on the exported onnx_ir model; exact: the same products in the same order) ----------------
+
+def optimize(model) -> dict[str, int]:
+    """The optimize stage: merge matrix products sharing an input, and move each layer's cache concatenation (and,
+    where the layer has the plain Llama layout, its head reshapes) into the `Attention` node. Returns counts."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+
+    counts = {"matmuls_merged": _pack_matmuls(model), "attention_fused": _fuse_attention_io(model)}
+    RemoveUnusedNodesPass()(model)
+    TopologicalSortPass()(model)
+    return counts
+
+
+def _pack_matmuls(model) -> int:
+    """MatMuls reading the same activation with constant weights (q/k/v, gate/up) -> one MatMul and a Split: one
+    larger matrix product instead of several small ones. Returns how many MatMuls were merged away."""
+    import numpy as np
+    import onnx_ir as ir
+
+    groups: dict[int, list] = {}
+    for node in model.graph:
+        if node.op_type != "MatMul" or node.domain != "" or len(node.inputs) != 2:
+            continue
+        weight = node.inputs[1]
+        if weight is None or weight.const_value is None or weight.shape is None or len(weight.shape) != 2:
+            continue
+        groups.setdefault(id(node.inputs[0]), []).append(node)
+    merged = 0
+    for nodes in groups.values():
+        weights = [n.inputs[1].const_value for n in nodes]
+        if len(nodes) < 2 or len({(w.dtype, w.shape[0]) for w in weights}) != 1:
+            continue
+        packed = ir.Value(name=f"{nodes[0].inputs[1].name}.packed{len(nodes)}",
+                          const_value=ir.tensor(np.concatenate([w.numpy() for w in weights], axis=1)))
+        sizes = ir.Value(name=f"{packed.name}.sizes",
+                         const_value=ir.tensor(np.array([w.shape[1] for w in weights], dtype=np.int64)))
+        model.graph.register_initializer(packed)
+        model.graph.register_initializer(sizes)
+        matmul = ir.node("MatMul", [nodes[0].inputs[0], packed])
+        split = ir.node("Split", [matmul.outputs[0], sizes], {"axis": -1}, num_outputs=len(nodes))
+        for old, new in zip(nodes, split.outputs):
+            new.name, new.shape, new.type = old.outputs[0].name, old.outputs[0].shape, old.outputs[0].type
+        ir.convenience.replace_nodes_and_values(model.graph, nodes[0], nodes, [matmul, split],
+                                                [n.outputs[0] for n in nodes], list(split.outputs))
+        merged += len(nodes) - 1
+    return merged
+
+
+def _fuse_attention_io(model) -> int:
+    """Attention(q, Concat(past_k, k), Concat(past_v, v), mask) -> Attention(q, k, v, mask, past_k, past_v), whose
+    present_key / present_value outputs are the concatenations. Where q, k and v are `Transpose(Reshape(x))` head
+    splits (through a RotaryEmbedding for q and k) and the output is merged back by `Reshape(Transpose(y))`, the
+    node takes and returns the 3-d tensors instead (q_num_heads / kv_num_heads attributes). Returns the count."""
+    import onnx_ir as ir
+
+    fused = 0
+    for attention in [n for n in model.graph if n.op_type == "Attention" and n.domain == "" and len(n.inputs) == 4]:
+        q, k, v, mask = attention.inputs
+        concats = [k.producer(), v.producer()]
+        if any(c is None or c.op_type != "Concat" or len(c.inputs) != 2 or c.attributes["axis"].value not in (-2, 2)
+               for c in concats):
+            continue
+        (past_k, new_k), (past_v, new_v) = concats[0].inputs, concats[1].inputs
+        splits = [_head_split(x) for x in (q, new_k, new_v)]
+        merge = _only_consumer(attention.outputs[0], "Transpose", (0, 2, 1, 3))
+        merge = _only_consumer(merge.outputs[0], "Reshape") if merge is not None else None
+        q_heads = q.shape[1] if q.shape is not None and len(q.shape) == 4 else None
+        kv_heads = past_k.shape[1] if past_k.shape is not None and len(past_k.shape) == 4 else None
+        attributes = {name: a.value for name, a in attention.attributes.items()}
+        nodes, inputs = [], [q, new_k, new_v]
+        three_d = (None not in splits and merge is not None and splits[2][1] is None
+                   and isinstance(q_heads, int) and isinstance(kv_heads, int))
+        if three_d:
+            inputs = []
+            for (x, rotary), heads in zip(splits, (q_heads, kv_heads, kv_heads)):
+                if rotary is not None:
+                    rotary = ir.node("RotaryEmbedding", [x, *rotary.inputs[1:]],
+                                     {**{n: a.value for n, a in rotary.attributes.items()}, "num_heads": heads})
+                    nodes.append(rotary)
+                    x = rotary.outputs[0]
+                inputs.append(x)
+            attributes.update(q_num_heads=q_heads, kv_num_heads=kv_heads)
+        node = ir.node("Attention", [*inputs, mask, past_k, past_v], attributes, num_outputs=3)
+        nodes.append(node)
+        old = [concats[0].outputs[0], concats[1].outputs[0], merge.outputs[0] if three_d else attention.outputs[0]]
+        new = [node.outputs[1], node.outputs[2], node.outputs[0]]
+        for before, after in zip(old, new):
+            after.name, after.shape, after.type = before.name, before.shape, before.type
+        model.graph.insert_before(attention, nodes)
+        ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+        fused += 1
+    return fused
+
+
+def _only_consumer(value, op_type: str, perm: tuple | None = None):
+    uses = value.consumers()
+    if len(uses) != 1 or uses[0].op_type != op_type:
+        return None
+    if perm is not None and tuple(uses[0].attributes["perm"].value) != perm:
+        return None
+    return uses[0]
+
+
+def _head_split(x):
+    """x = [RotaryEmbedding](Transpose[0,2,1,3](Reshape(x3))), each used once -> (x3, the rotary node or None)."""
+    node, rotary = x.producer(), None
+    if node is not None and node.op_type == "RotaryEmbedding" and len(node.inputs) == 3:
+        rotary, node = node, node.inputs[0].producer()
+        if len(rotary.inputs[0].consumers()) != 1:
+            return None
+    if node is None or node.op_type != "Transpose" or tuple(node.attributes["perm"].value) != (0, 2, 1, 3):
+        return None
+    reshape = node.inputs[0].producer()
+    if reshape is None or reshape.op_type != "Reshape" or len(node.inputs[0].consumers()) != 1:
+        return None
+    return reshape.inputs[0], rotary
 
 
 def check_exportable(model) -> architectures.Architecture:

@@ -19,6 +19,7 @@ This is the only module that imports onnxruntime.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from importlib import metadata
@@ -98,8 +99,10 @@ def check_precision(precision: str, provider: str, available: list[str]) -> None
                             f"{kernels}); providers that run it: {where}; use fp32 or fp16 on {short(provider)}")
 
 
-def fp16_mode(provider: str) -> str:
-    return FP16_MODE.get(provider, FP16_DEFAULT)
+def fp16_mode(provider: str, override: str | None = None) -> str:
+    if override not in (None, "convert", "native"):
+        raise PortableError(f"unknown fp16 mode {override!r}; choose convert or native")
+    return override or FP16_MODE.get(provider, FP16_DEFAULT)
 
 
 def _version(package: str) -> str | None:
@@ -109,13 +112,13 @@ def _version(package: str) -> str | None:
         return None
 
 
-def artifact_key(identity: dict, precision: str, provider: str) -> dict:
+def artifact_key(identity: dict, precision: str, provider: str, fp16: str | None = None) -> dict:
     """Everything the saved graph depends on. The provider enters only through the fp16 mode (a graph is otherwise
     provider-neutral: ONNX Runtime's own optimisations run at session creation, for the machine at hand)."""
     import transformers
 
     return {"model": identity.get("fingerprint"), "model_type": identity.get("model_type"), "precision": precision,
-            "fp16_mode": fp16_mode(provider) if precision == "fp16" else None, "opset": onnx_export.OPSET,
+            "fp16_mode": fp16_mode(provider, fp16) if precision == "fp16" else None, "opset": onnx_export.OPSET,
             "graph_version": onnx_export.GRAPH_VERSION, "exporter": f"torch.onnx-dynamo {torch.__version__}",
             "onnxscript": _version("onnxscript"), "transformers": transformers.__version__,
             "onnxruntime": ort.__version__}
@@ -131,8 +134,10 @@ class OrtBackend:
             return Availability(False, f"onnxruntime {ort.__version__} offers no execution provider")
         return Availability(True)
 
-    def load(self, config, source, io_binding: bool | None = None, stages: Stages | None = None) -> "OrtRunner":
-        """io_binding: None = on GPU providers only; True forces the device path (tests run it on the CPU)."""
+    def load(self, config, source, io_binding: bool | None = None, fp16: str | None = None,
+             stages: Stages | None = None) -> "OrtRunner":
+        """Overrides for tests and benchmarks: io_binding (None = on GPU providers only; True runs the device path on
+        the CPU too), fp16 ("convert" | "native"; None = FP16_MODE's choice for the provider)."""
         available = available_providers()
         provider = pick_provider(config.ort_provider, available)
         check_precision(config.precision, provider, available)
@@ -142,10 +147,10 @@ class OrtBackend:
         model_load_s = time.perf_counter() - meta_start
         stages = stages or Stages(enabled=None if not config.quiet else False)
         store = ArtifactStore(config.artifact_dir, stages)
-        key = artifact_key(meta.identity, config.precision, provider)
+        key = artifact_key(meta.identity, config.precision, provider, fp16)
         artifact = store.get(
             "onnx", key, rebuild=config.rebuild, label=f"ONNX {config.precision} graph",
-            compile=lambda: build_graph(meta, source, config.precision, provider, stages,
+            compile=lambda: build_graph(meta, source, config.precision, fp16_mode(provider, fp16), stages,
                                         base=store.find("onnx", artifact_key(meta.identity, "fp32", provider))),
             save=save_graph, load=lambda folder, manifest: open_session(folder, manifest, provider, device_id))
         session, spec = artifact.value
@@ -233,7 +238,7 @@ class _ModelMeta:
         return cls(config, models.load_tokenizer(source), generation_config, models.identity(source, config))
 
 
-def build_graph(meta: _ModelMeta, source, precision: str, provider: str, stages: Stages, base: Path | None = None):
+def build_graph(meta: _ModelMeta, source, precision: str, fp16: str, stages: Stages, base: Path | None = None):
     """Export (and convert or quantize) the model: the compile stage. Returns (onnx model, GraphSpec).
 
     fp16 by conversion and int8 start from the fp32 graph: from the saved fp32 artifact `base` when there is one
@@ -241,7 +246,7 @@ def build_graph(meta: _ModelMeta, source, precision: str, provider: str, stages:
     """
     import onnx_ir as ir
 
-    mode = fp16_mode(provider) if precision == "fp16" else None
+    mode = fp16 if precision == "fp16" else None
     dtype = "fp16" if mode == "native" else "bf16" if precision == "bf16" else "fp32"
     if base is not None and dtype == "fp32":
         with stages.stage("read", f"Reading the exported fp32 graph from {base}"):
@@ -252,6 +257,8 @@ def build_graph(meta: _ModelMeta, source, precision: str, provider: str, stages:
         with stages.stage("export", f"Exporting {loaded.identity.get('architecture')} to ONNX (torch.onnx, dynamo)"):
             model, spec = onnx_export.export(loaded.model)
         del loaded
+        with stages.stage("optimize", "Optimizing the graph (merged matrix products, attention with its cache)"):
+            onnx_export.optimize(model)
     if precision == "fp16" and mode == "convert":
         with stages.stage("optimize", "Converting the graph to float16 (fp32 inputs and outputs)"):
             model = _to_float16(model)
@@ -278,8 +285,12 @@ def _quantize_int8(model):
         ir.save(model, src)
         # Only MatMuls with a constant weight: the weights become int8 (per output channel), activations are
         # quantized per call. Attention's own products stay in float (they are inside the Attention node).
-        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
-                         extra_options={"MatMulConstBOnly": True})
+        logging.disable(logging.WARNING)  # its advice to pre-process goes to the root logger, on every call
+        try:
+            quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True,
+                             weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+        finally:
+            logging.disable(logging.NOTSET)
         return ir.load(dst)  # one file: the weights are read into memory here
 
 
