@@ -4,15 +4,18 @@ Why: Hugging Face's modeling code with a static cache and torch.compile reaches 
 limit at batch 1 on an H100; the limit needs the weights streamed once per token with few launches. The shape
 follows gpt-fast: a static preallocated cache, fixed shapes, one captured CUDA graph per (batch, length).
 
-One step, batch 1, `--kernels triton` (5 launches per layer, plus embedding and head):
+One step, batch 1, `--kernels triton` (5 launches per layer, plus embedding, head and advance):
     h (fp32 residual) = embed[token] * embed_scale
-    per layer:  qkv   = W_qkv . rmsnorm(h)                     gemv with RMSNorm prologue
-                q, cache[slot] = rope(qk_norm(q, k)), v         fused rope + cache write
-                o     = attention(q, cache, valid slots)        split-sequence decode attention (+ combine)
-                h    += W_o . o                                 gemv accumulating into h   (Gemma: h += norm(W_o . o))
-                a     = act(W_g . rmsnorm(h)) * (W_u . rmsnorm(h))   gemv, two weights, gated epilogue
-                h    += W_d . a                                 (Gemma: h += norm(W_d . a))
-    logits = W_head . rmsnorm(h)
+    per layer:  qkv   = W_qkv . rmsnorm(h)                          gemv, RMSNorm folded into its loop
+                partial = attention(rope(qk_norm(q)), cache + rope(k), v)  split over the slots; the chunk that
+                                                                      holds the new slot writes k and v
+                h    += W_o . combine(partial)                      combine folded into the output projection
+                                                                      (Gemma: o = combine; h += norm(W_o . o))
+                a     = act(W_g . rmsnorm(h)) * (W_u . rmsnorm(h))  gemv, two weights, gated epilogue
+                h    += W_d . a                                     (Gemma: h += norm(W_d . a))
+    logits = W_head . rmsnorm(h); positions += 1; slot += 1
+On Hopper GPUs every launch uses programmatic dependent launch (`pdl`): a kernel may launch while its predecessor
+finishes, and a GEMV loads its first weight tile before it waits for the predecessor's output.
 Batches > 1 (and `--kernels torch`) use matrix products through PyTorch and the same fused rope/attention/norm
 kernels (or their PyTorch references). The residual stream stays in fp32 throughout.
 
@@ -30,7 +33,7 @@ import torch
 
 from backends.base import RunnerInfo
 from backends.hf_torch import HFRunner
-from backends.kernels import activation, attention, gemv, norms, rope
+from backends.kernels import activation, attention, gemv, norms, rope, step
 from caches import PromptCache, SlidingWindowLayer
 from portable import architectures
 from portable.models import LoadedModel
@@ -85,10 +88,20 @@ def supports(model) -> str | None:
 class FastDecoder:
     """The weights, static buffers and step function; device-agnostic (CUDA graphs are added by FastRunner)."""
 
-    def __init__(self, model, kernels: str = "triton"):
+    def __init__(self, model, kernels: str = "triton", pdl: bool = False):
         config = model.config
         self.config = config
         self.kernels = kernels
+        self.pdl = pdl and kernels == "triton"
+        # L2 prefetch of GEMV weights before waiting (needs pdl). Off: on an H100 it made the GEMVs 20% slower
+        # (successor kernels stream while their predecessor still does; benchmarks/gpu_profile.py).
+        self.prefetch = False
+        self.preload = None  # None: as the GEMV config says (True for every default config)
+        self.trigger = "end"  # when a GEMV lets its successor launch: "start", "last" (last tile), "end"
+        # Measured on an H100 (benchmarks/gpu_profile.py): 32-slot blocks with 8 warps for pass 1 of the attention,
+        # 128-row programs for the combine + output projection.
+        self.oproj_block_n, self.oproj_warps = 128, 4
+        self.attention_block_s, self.attention_warps = 32, 8
         inner = model.model
         self.dtype = inner.embed_tokens.weight.dtype
         self.device = inner.embed_tokens.weight.device
@@ -147,7 +160,9 @@ class FastDecoder:
         self.mlp = torch.zeros(batch, self.layers[0].wg.shape[0], dtype=dt, device=dev)
         self.tmp = torch.zeros(batch, hidden, dtype=dt, device=dev)
         self.logits = torch.zeros(batch, self.head.shape[0], dtype=torch.float32, device=dev)
-        self.attention = attention.DecodeAttention(batch, self.hq, self.hk, self.d, slots, dev)
+        self.attention = attention.RopeAttention(batch, self.hq, self.hk, self.d, slots, dev,
+                                                 block_s=self.attention_block_s)
+        self.attention.num_warps = self.attention_warps
         self.shape = (batch, slots)
 
     def load_cache(self, cache: PromptCache, max_new_tokens: int) -> None:
@@ -172,56 +187,61 @@ class FastDecoder:
 
     def step(self) -> torch.Tensor:
         """One decode step for `self.tokens`; advances positions and the slot; returns logits [batch, vocab]."""
-        torch.index_select(self.embed, 0, self.tokens, out=self.tmp)
-        self.h.copy_(self.tmp)
-        if self.embed_scale != 1.0:
-            self.h.mul_(self.embed_scale)
+        triton_ = self.kernels == "triton"
+        (step.embed_ if triton_ else step.embed_torch_)(self.tokens, self.embed, self.h, self.embed_scale, self.pdl)
         if self._fused():
             self._layers_gemv()
         else:
             self._layers_matmul()
-        self.positions.add_(1)
-        self.slot.add_(1)
+        (step.advance_ if triton_ else step.advance_torch_)(self.positions, self.slot, self.pdl)
         return self.logits
 
     def _k(self):
         """The kernel set: Triton kernels or their PyTorch references."""
         triton_ = self.kernels == "triton"
         return (norms.rmsnorm if triton_ else norms.rmsnorm_torch,
-                norms.add_rmsnorm_ if triton_ else norms.add_rmsnorm_torch_,
                 norms.rmsnorm_add_ if triton_ else norms.rmsnorm_add_torch_,
-                rope.qkv_rope_cache_ if triton_ else rope.qkv_rope_cache_torch_,
-                self.attention if triton_ else attention.decode_attention_torch,
                 activation.gated if triton_ else activation.gated_torch)
 
-    def _attend(self, i: int, layer: Layer) -> None:
-        _, _, _, rope_cache, attend, _ = self._k()
-        rope_cache(self.qkv, self.positions, layer.inv_freq, layer.rope_scaling, self.q, self.k_cache[i],
-                   self.v_cache[i], self.slot, layer.q_norm, layer.k_norm, self.eps, self.offset)
-        attend(self.q, self.k_cache[i], self.v_cache[i], self.start, self.slot, self.scale, layer.window, out=self.o)
+    def _attend(self, i: int, layer: Layer, combine: bool = True) -> None:
+        """RoPE, cache write and attention of layer i; the output goes to self.o unless `combine` is False (then the
+        caller folds the combine into the output projection)."""
+        if self.kernels == "triton":
+            self.attention.rope_attention(self.qkv, self.positions, layer.inv_freq, layer.rope_scaling,
+                                          self.k_cache[i], self.v_cache[i], self.start, self.slot, self.scale,
+                                          layer.window, layer.q_norm, layer.k_norm, self.eps, self.offset, self.pdl)
+            if combine:
+                self.attention.combine(self.o, self.pdl)
+            return
+        rope.qkv_rope_cache_torch_(self.qkv, self.positions, layer.inv_freq, layer.rope_scaling, self.q,
+                                   self.k_cache[i], self.v_cache[i], self.slot, layer.q_norm, layer.k_norm, self.eps,
+                                   self.offset)
+        attention.decode_attention_torch(self.q, self.k_cache[i], self.v_cache[i], self.start, self.slot, self.scale,
+                                         layer.window, out=self.o)
 
     def _layers_gemv(self) -> None:
         rmsnorm_add = norms.rmsnorm_add_
         h, o, eps, off = self.h[0], self.o.view(-1), self.eps, self.offset
+        pdl = {"pdl": self.pdl, "prefetch": self.prefetch, "preload": self.preload, "trigger": self.trigger}
         for i, layer in enumerate(self.layers):
-            gemv.gemv(h, layer.wqkv, self.qkv[0], norm_w=layer.ln1, eps=eps, norm_offset=off)
-            self._attend(i, layer)
+            gemv.gemv(h, layer.wqkv, self.qkv[0], norm_w=layer.ln1, eps=eps, norm_offset=off, **pdl)
+            self._attend(i, layer, combine=self.gemma)
             if self.gemma:
-                gemv.gemv(o, layer.wo, self.tmp[0])
+                gemv.gemv(o, layer.wo, self.tmp[0], **pdl)
                 rmsnorm_add(self.tmp, self.h, layer.post_attn, eps, off)
             else:
-                gemv.gemv(o, layer.wo, h, accumulate=True)
+                self.attention.combine_oproj_(layer.wo, h, self.pdl, self.oproj_block_n, self.oproj_warps)
             gemv.gemv(h, layer.wg, self.mlp[0], norm_w=layer.ln2, eps=eps, norm_offset=off, up=layer.wu,
-                      act=self.act)
+                      act=self.act, **pdl)
             if self.gemma:
-                gemv.gemv(self.mlp[0], layer.wd, self.tmp[0])
+                gemv.gemv(self.mlp[0], layer.wd, self.tmp[0], **pdl)
                 rmsnorm_add(self.tmp, self.h, layer.post_ff, eps, off)
             else:
-                gemv.gemv(self.mlp[0], layer.wd, h, accumulate=True)
-        gemv.gemv(h, self.head, self.logits[0], norm_w=self.final_norm, eps=eps, norm_offset=off)
+                gemv.gemv(self.mlp[0], layer.wd, h, accumulate=True, **pdl)
+        gemv.gemv(h, self.head, self.logits[0], norm_w=self.final_norm, eps=eps, norm_offset=off, **pdl)
 
     def _layers_matmul(self) -> None:
-        rmsnorm, _, rmsnorm_add, _, _, gated = self._k()
+        rmsnorm, rmsnorm_add, gated = self._k()
         mm = torch.nn.functional.linear
         eps, off, b = self.eps, self.offset, self.shape[0]
         for i, layer in enumerate(self.layers):
@@ -244,22 +264,32 @@ class FastDecoder:
         self.logits.copy_(mm(x, self.head))
 
 
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: Hopper (sm_90) or newer NVIDIA GPUs, compiled Triton kernels."""
+    from backends.kernels import interpreting
+
+    return (device.type == "cuda" and not interpreting() and torch.version.hip is None
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
 class FastRunner:
     """A runner whose decode step is `FastDecoder`, captured as one CUDA graph per (batch, slots) on GPUs."""
 
-    def __init__(self, loaded: LoadedModel, backend: str, config, device: torch.device, graphs: bool | None = None):
+    def __init__(self, loaded: LoadedModel, backend: str, config, device: torch.device, graphs: bool | None = None,
+                 pdl: bool | None = None):
         self.hf = HFRunner(loaded, backend=backend, precision=config.precision, device=device)
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config
         self._device = torch.device(device)
-        self.decoder = FastDecoder(loaded.model, kernels=config.kernels)
+        self.decoder = FastDecoder(loaded.model, kernels=config.kernels, pdl=pdl_supported(self._device)
+                                   if pdl is None else pdl)
         self.graphs = self._device.type == "cuda" if graphs is None else graphs
         self._graph = None
         self._graph_shape = None
         self.info = self.hf.info
         self.info.details = {"path": "fast", "kernels": config.kernels, "cuda_graph": self.graphs,
-                             "attn": "portable decode attention"}
+                             "pdl": self.decoder.pdl, "attn": "portable decode attention"}
 
     @property
     def device(self) -> torch.device:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends.kernels import activation, attention, gemv, norms, rope
+from backends.kernels import activation, attention, gemv, norms, rope, step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -97,63 +97,78 @@ def test_rope_matches_transformers_llama():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_fused_qkv_rope_cache_write(dtype, qk_norm):
-    m, hq, hk, d, s = 2, 4, 2, 32, 10
-    qkv = rand(m, (hq + 2 * hk) * d, dtype=dtype, seed=12)
-    pos = torch.tensor([3, 9], device=DEVICE)
-    slot = torch.tensor([9], dtype=torch.int32, device=DEVICE)
-    qn = rand(d, dtype=dtype, seed=13) if qk_norm else None
-    kn = rand(d, dtype=dtype, seed=14) if qk_norm else None
-    outs = []
-    for fn in (rope.qkv_rope_cache_, rope.qkv_rope_cache_torch_):
-        q_out = torch.empty(m, hq, d, dtype=dtype, device=DEVICE)
-        kc = torch.zeros(m, hk, s, d, dtype=dtype, device=DEVICE)
-        vc = torch.zeros_like(kc)
-        fn(qkv, pos, inv_freq(d), 1.0, q_out, kc, vc, slot, qn, kn, 1e-6, 1.0 if qk_norm else 0.0)
-        outs.append((q_out, kc, vc))
-    (q1, k1, v1), (q2, k2, v2) = outs
-    assert rel_err(q1, q2) < TOL[dtype] and rel_err(k1, k2) < TOL[dtype] and torch.equal(v1, v2)
-    assert k1[:, :, :9].abs().sum() == 0 and k1[:, :, 9].abs().sum() > 0  # only slot 9 written
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window", [0, 5])
-@pytest.mark.parametrize("group", [1, 4])
-def test_decode_attention(dtype, window, group):
-    b, hk, d, s = 2, 2, 32, 40
+@pytest.mark.parametrize("group,qk_norm,d", [(1, False, 32), (4, True, 32), (2, False, 64)])
+@pytest.mark.parametrize("cur", [33, 8])
+def test_rope_attention_matches_rope_then_attention(dtype, window, group, qk_norm, d, cur):
+    b, hk, s = 2, 2, 40
     hq = hk * group
-    q = rand(b, hq, d, dtype=dtype, seed=15)
-    kc, vc = rand(b, hk, s, d, dtype=dtype, seed=16), rand(b, hk, s, d, dtype=dtype, seed=17)
-    start = torch.tensor([0, 11], dtype=torch.int32, device=DEVICE)  # sequence 1 has 11 pad slots
-    slot = torch.tensor([33], dtype=torch.int32, device=DEVICE)
-    attn = attention.DecodeAttention(b, hq, hk, d, s, DEVICE, block_s=16)
-    ours = attn(q, kc, vc, start, slot, d ** -0.5, window)
-    ref = attention.decode_attention_torch(q, kc, vc, start, slot, d ** -0.5, window)
-    assert rel_err(ours, ref) < TOL[dtype]
-    # Changing a slot outside the valid range must not change the result.
-    kc[1, :, 5] = 1e3
-    vc[:, :, 34:] = 1e3
-    assert rel_err(attn(q, kc, vc, start, slot, d ** -0.5, window), ours) < 1e-6
+    qkv = rand(b, (hq + 2 * hk) * d, dtype=dtype, seed=40)
+    start = torch.tensor([0, 3], dtype=torch.int32, device=DEVICE)  # sequence 1 has 3 pad slots
+    pos = torch.tensor([cur, cur - 3], device=DEVICE)
+    slot = torch.tensor([cur], dtype=torch.int32, device=DEVICE)
+    qn = rand(d, dtype=dtype, seed=41) if qk_norm else None
+    kn = rand(d, dtype=dtype, seed=42) if qk_norm else None
+    old_k, old_v = rand(b, hk, s, d, dtype=dtype, seed=43), rand(b, hk, s, d, dtype=dtype, seed=44)
+    kc1, vc1, kc2, vc2 = old_k.clone(), old_v.clone(), old_k.clone(), old_v.clone()
+    attn = attention.RopeAttention(b, hq, hk, d, s, DEVICE, block_s=16)
+    attn.rope_attention(qkv, pos, inv_freq(d), 1.0, kc1, vc1, start, slot, d ** -0.5, window, qn, kn, 1e-6, 0.0)
+    out1 = attn.combine(torch.empty(b, hq, d, dtype=dtype, device=DEVICE))
+    q = torch.empty(b, hq, d, dtype=dtype, device=DEVICE)
+    rope.qkv_rope_cache_torch_(qkv, pos, inv_freq(d), 1.0, q, kc2, vc2, slot, qn, kn, 1e-6, 0.0)
+    out2 = attention.decode_attention_torch(q, kc2, vc2, start, slot, d ** -0.5, window)
+    assert rel_err(out1, out2) < TOL[dtype] * 2
+    assert rel_err(kc1, kc2) < TOL[dtype] and torch.equal(vc1, vc2)
+    # Slots outside the valid range (padding, beyond the new slot) must not matter.
+    kc1[1, :, 1] = 1e3
+    vc1[:, :, cur + 1:] = 1e3
+    attn.rope_attention(qkv, pos, inv_freq(d), 1.0, kc1, vc1, start, slot, d ** -0.5, window, qn, kn, 1e-6, 0.0)
+    assert rel_err(attn.combine(torch.empty_like(out1)), out1) < 1e-6
+
+    # batch 1: the combine folded into the output projection, accumulated into an fp32 residual
+    attn1 = attention.RopeAttention(1, hq, hk, d, s, DEVICE, block_s=16)
+    kc3, vc3 = old_k[:1].clone(), old_v[:1].clone()
+    attn1.rope_attention(qkv[:1], pos[:1], inv_freq(d), 1.0, kc3, vc3, start[:1], slot, d ** -0.5, window, qn, kn,
+                         1e-6, 0.0)
+    wo = (rand(48, hq * d, dtype=dtype, seed=45) / (hq * d) ** 0.5).contiguous()
+    h1 = rand(48, seed=46)
+    h2 = h1.clone()
+    attn1.combine_oproj_(wo, h1, block_n=16)
+    h2 += torch.nn.functional.linear(out2[:1].reshape(1, -1).float(), wo.float())[0]
+    assert rel_err(h1, h2) < TOL[dtype] * 3
+
+
+def test_embed_and_advance():
+    emb = rand(50, 24, dtype=torch.bfloat16, seed=45)
+    tokens = torch.tensor([3, 49], device=DEVICE)
+    h1, h2 = torch.zeros(2, 24, device=DEVICE), torch.zeros(2, 24, device=DEVICE)
+    step.embed_(tokens, emb, h1, 2.5)
+    step.embed_torch_(tokens, emb, h2, 2.5)
+    assert torch.equal(h1, h2)
+    pos, slot = torch.tensor([4, 9], device=DEVICE), torch.tensor([9], dtype=torch.int32, device=DEVICE)
+    step.advance_(pos, slot)
+    assert pos.tolist() == [5, 10] and slot.tolist() == [10]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", ["plain", "norm", "gated", "accumulate", "ragged"])
-def test_gemv(dtype, case):
+@pytest.mark.parametrize("case", ["plain", "norm", "gated", "accumulate", "ragged", "norm_split", "gated_norm"])
+@pytest.mark.parametrize("preload", [False, True])
+def test_gemv(dtype, case, preload):
     n, k = (40, 200) if case == "ragged" else (64, 512)
     x = rand(k, dtype=torch.float32 if case in ("norm", "accumulate") else dtype, seed=18)
     w = (rand(n, k, dtype=dtype, seed=19) / k ** 0.5).contiguous()
     kwargs = {}
-    if case == "norm":
-        kwargs = dict(norm_w=rand(k, dtype=dtype, seed=20), eps=1e-5, norm_offset=0.0)
-    if case == "gated":
-        kwargs = dict(up=(rand(n, k, dtype=dtype, seed=21) / k ** 0.5).contiguous(), act="silu")
-    accumulate = case == "accumulate"
+    if case in ("norm", "norm_split", "gated_norm"):
+        kwargs = dict(norm_w=rand(k, dtype=dtype, seed=20), eps=1e-5, norm_offset=1.0 if case == "gated_norm" else 0.0)
+    if case in ("gated", "gated_norm"):
+        kwargs["up"] = (rand(n, k, dtype=dtype, seed=21) / k ** 0.5).contiguous()
+        kwargs["act"] = "gelu_tanh" if case == "gated_norm" else "silu"
+    accumulate = case in ("accumulate", "norm_split")
     out_dtype = torch.float32 if accumulate else dtype
     base = rand(n, seed=22) if accumulate else torch.zeros(n, device=DEVICE)
     o1, o2 = base.clone().to(out_dtype), base.clone().to(out_dtype)
     config = gemv.GemvConfig(block_n=16, block_k=128, split_k=2 if accumulate else 1)
-    gemv.gemv(x, w, o1, accumulate=accumulate, config=config, **kwargs)
+    gemv.gemv(x, w, o1, accumulate=accumulate, config=config, preload=preload, **kwargs)
     gemv.gemv_torch(x, w, o2, accumulate=accumulate, **kwargs)
     # The reference rounds the (normalised) input to the weight dtype as a matmul does; the kernel keeps fp32.
     assert rel_err(o1, o2) < TOL[dtype] * (3 if dtype != torch.float32 else 1)

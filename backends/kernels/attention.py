@@ -1,13 +1,17 @@
 """Attention of one new token per sequence over a static KV cache (split-sequence "flash decoding").
 
-    q:        [B, Hq, D]        the new token's rotated queries
-    caches:   [B, Hk, S, D]     slot s of sequence b is valid if start[b] <= s <= slot and, with a sliding window W,
-                                s > slot - W   (left padding: start[b] is the number of pad slots of sequence b)
-    out:      [B, Hq, D]
+    qkv:      [B, (Hq + 2 Hk) D]  the new token's packed projections (before norms and RoPE)
+    caches:   [B, Hk, S, D]       slot s of sequence b is valid if start[b] <= s <= slot and, with a sliding window W,
+                                  s > slot - W   (left padding: start[b] is the number of pad slots of sequence b)
+    out:      [B, Hq, D]          (or, batch 1: added through W_o into the fp32 residual)
 
 Grouped-query attention: the program for kv head h serves its Hq/Hk query heads, so each key and value is read once.
-Pass 1 splits the slots into chunks and writes each chunk's running max, sum and weighted values; pass 2 combines
-the chunks. Slots outside a sequence's valid range are masked (their loads fetch nothing).
+Pass 1 (program per sequence, kv head and chunk of slots) applies the q/k norms and RoPE itself, writes the new k and v
+into the cache, and writes each chunk's running max, sum and weighted values; pass 2 combines the chunks, or for
+batch 1 combines them inside the output projection. Slots outside a sequence's valid range are masked (their loads
+fetch nothing). Measured on an H100: a single program per kv head looping over the whole cache was slower (too few
+programs), and folding RoPE and the combine into neighbouring launches cost the same as separate launches under
+programmatic dependent launch, but leaves fewer kernels to maintain.
 """
 
 from __future__ import annotations
@@ -18,56 +22,42 @@ import torch
 import triton
 import triton.language as tl
 
+from backends.kernels import interpreting
+from backends.kernels.gemv import launch_options, pdl_prologue, pdl_wait
+
+
+def group_rows(group: int, use_dot: bool) -> int:
+    """Rows of the query tile: the group padded to a power of two, and to 16 for tensor-core dots."""
+    return max(16, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group)
+
 
 @triton.jit
-def _attn_partial_kernel(q_ptr, kc_ptr, vc_ptr, start_ptr, slot_ptr, m_ptr, l_ptr, acc_ptr, window, scale,
-                         stride_qb, stride_qh, stride_cb, stride_ch, stride_cs, n_chunks,
-                         GROUP: tl.constexpr, GROUP_P2: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                         BLOCKS_PER_CHUNK: tl.constexpr):
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    chunk = tl.program_id(2)
-    g = tl.arange(0, GROUP_P2)
-    gmask = g < GROUP
-    d = tl.arange(0, D)
-    heads = kvh * GROUP + g
-    cur = tl.load(slot_ptr)
-    lo = tl.load(start_ptr + b)
-    if window > 0:
-        lo = tl.maximum(lo, cur - window + 1)
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None],
-                other=0.0).to(tl.float32) * scale
-    m_i = tl.full([GROUP_P2], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_P2], tl.float32)
-    acc = tl.zeros([GROUP_P2, D], tl.float32)
-    base = b * stride_cb + kvh * stride_ch
-    # A fixed number of masked blocks per chunk (no loop bounds read from memory: graph- and interpreter-friendly);
-    # masked loads of slots outside [lo, cur] fetch nothing.
-    for i in range(BLOCKS_PER_CHUNK):
-        s = (chunk * BLOCKS_PER_CHUNK + i) * BLOCK_S + tl.arange(0, BLOCK_S)
-        smask = (s >= lo) & (s <= cur)
-        k = tl.load(kc_ptr + base + s[:, None] * stride_cs + d[None, :], mask=smask[:, None], other=0.0)
-        scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
-        scores = tl.where(smask[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: keep l and acc at 0, no NaN
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(scores - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(vc_ptr + base + s[:, None] * stride_cs + d[None, :], mask=smask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
-        m_i = m_new
-    row = (b * (GROUP * tl.num_programs(1)) + heads) * n_chunks + chunk
-    tl.store(m_ptr + row, m_i, mask=gmask)
-    tl.store(l_ptr + row, l_i, mask=gmask)
-    tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=gmask[:, None])
+def _qk(q, k, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """scores [G, S] = q [G, D] . k [S, D]^T: tensor cores when compiled, broadcast-and-sum in the interpreter."""
+    if USE_DOT:
+        if IEEE:
+            return tl.dot(q, tl.trans(k), input_precision="ieee")
+        return tl.dot(q, tl.trans(k))
+    return tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+
+
+@triton.jit
+def _pv(p, v, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """[G, D] = p [G, S] . v [S, D] (p is fp32; rounded to v's dtype for the tensor cores)."""
+    if USE_DOT:
+        if IEEE:
+            return tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        return tl.dot(p.to(v.dtype), v)
+    return tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
 
 
 @triton.jit
 def _attn_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, n_chunks, stride_ob, stride_oh, n_heads,
-                         D: tl.constexpr, CHUNKS_P2: tl.constexpr):
+                         D: tl.constexpr, CHUNKS_P2: tl.constexpr, USE_PDL: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
+    pdl_prologue(USE_PDL)
+    pdl_wait(USE_PDL)
     c = tl.arange(0, CHUNKS_P2)
     cmask = c < n_chunks
     d = tl.arange(0, D)
@@ -83,30 +73,22 @@ def _attn_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, n_chunks, stride_ob, stri
 
 
 class DecodeAttention:
-    """Preallocated workspace for one cache shape, so that the launches can be captured in a CUDA graph."""
+    """Preallocated workspace (partial max, sum and values per chunk) for one cache shape, so that the launches can
+    be captured in a CUDA graph. `RopeAttention` below adds the launches."""
 
     def __init__(self, batch: int, q_heads: int, kv_heads: int, head_dim: int, max_slots: int, device,
                  block_s: int | None = None, blocks_per_chunk: int = 1):
         self.group = q_heads // kv_heads
-        self.block_s = block_s or max(16, min(64, 16384 // (triton.next_power_of_2(self.group) * head_dim)))
+        self.use_dot = not interpreting()
+        self.group_p2 = group_rows(self.group, self.use_dot)
+        self.block_s = block_s or (64 if self.use_dot else
+                                   max(16, min(64, 16384 // (self.group_p2 * head_dim))))
         self.blocks_per_chunk = blocks_per_chunk
         self.n_chunks = math.ceil(max_slots / (self.block_s * blocks_per_chunk))
         self.m = torch.empty(batch * q_heads * self.n_chunks, dtype=torch.float32, device=device)
         self.l = torch.empty_like(self.m)
         self.acc = torch.empty(batch * q_heads * self.n_chunks * head_dim, dtype=torch.float32, device=device)
         self.shape = (batch, q_heads, kv_heads, head_dim)
-
-    def __call__(self, q, k_cache, v_cache, start, slot, scale, window=0, out=None):
-        b, hq, hk, d = self.shape
-        out = torch.empty_like(q) if out is None else out
-        _attn_partial_kernel[(b, hk, self.n_chunks)](
-            q, k_cache, v_cache, start, slot, self.m, self.l, self.acc, window, scale,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), self.n_chunks,
-            GROUP=self.group, GROUP_P2=triton.next_power_of_2(self.group), D=d, BLOCK_S=self.block_s,
-            BLOCKS_PER_CHUNK=self.blocks_per_chunk, num_warps=4)
-        _attn_combine_kernel[(b, hq)](self.m, self.l, self.acc, out, self.n_chunks, out.stride(0), out.stride(1), hq,
-                                      D=d, CHUNKS_P2=triton.next_power_of_2(self.n_chunks), num_warps=4)
-        return out
 
 
 def decode_attention_torch(q, k_cache, v_cache, start, slot, scale, window=0, out=None):
@@ -126,3 +108,156 @@ def decode_attention_torch(q, k_cache, v_cache, start, slot, scale, window=0, ou
         out.copy_(res)
         return out
     return res
+
+
+
+@triton.jit
+def _rope_attn_partial_kernel(
+        qkv_ptr, pos_ptr, inv_freq_ptr, rope_scaling, qn_ptr, kn_ptr, eps, norm_offset,
+        kc_ptr, vc_ptr, start_ptr, slot_ptr, m_ptr, l_ptr, acc_ptr, window, scale,
+        HQ, HK, stride_qkv, stride_cb, stride_ch, stride_cs, n_chunks,
+        GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HALF: tl.constexpr, BLOCK_S: tl.constexpr,
+        BLOCKS_PER_CHUNK: tl.constexpr, HAS_QK_NORM: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+        USE_PDL: tl.constexpr):
+    """Pass 1 with RoPE folded in. Program (b, kv head, chunk) rotates its query group itself (a few hundred
+    values, cheaper than a launch); the program whose chunk holds the new slot also normalises and rotates the new
+    key, writes k and v into the cache and counts the new token from registers."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    chunk = tl.program_id(2)
+    D: tl.constexpr = 2 * HALF
+    CHUNK: tl.constexpr = BLOCK_S * BLOCKS_PER_CHUNK
+    pdl_prologue(USE_PDL)
+    pdl_wait(USE_PDL)
+    g = tl.arange(0, GROUP_P2)
+    gmask = g < GROUP
+    i = tl.arange(0, HALF)
+    heads = kvh * GROUP + g
+    cur = tl.load(slot_ptr)
+    lo = tl.load(start_ptr + b)
+    if window > 0:
+        lo = tl.maximum(lo, cur - window + 1)
+    angle = tl.load(pos_ptr + b).to(tl.float32) * tl.load(inv_freq_ptr + i)
+    c = tl.cos(angle) * rope_scaling
+    s = tl.sin(angle) * rope_scaling
+    row = qkv_ptr + b * stride_qkv
+    q1 = tl.load(row + heads[:, None] * D + i[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+    q2 = tl.load(row + heads[:, None] * D + HALF + i[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+    if HAS_QK_NORM:
+        qr = tl.rsqrt((tl.sum(q1 * q1, axis=1) + tl.sum(q2 * q2, axis=1)) / D + eps)
+        q1 = q1 * qr[:, None] * (tl.load(qn_ptr + i).to(tl.float32) + norm_offset)[None, :]
+        q2 = q2 * qr[:, None] * (tl.load(qn_ptr + HALF + i).to(tl.float32) + norm_offset)[None, :]
+    cache_ty = kc_ptr.dtype.element_ty
+    q1, q2 = (q1 * c[None, :] - q2 * s[None, :]) * scale, (q2 * c[None, :] + q1 * s[None, :]) * scale
+    q1, q2 = q1.to(cache_ty), q2.to(cache_ty)
+    base = b * stride_cb + kvh * stride_ch
+    m_i = tl.full([GROUP_P2], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_P2], tl.float32)
+    acc1 = tl.zeros([GROUP_P2, HALF], tl.float32)
+    acc2 = tl.zeros([GROUP_P2, HALF], tl.float32)
+    for blk in range(BLOCKS_PER_CHUNK):
+        sl = chunk * CHUNK + blk * BLOCK_S + tl.arange(0, BLOCK_S)
+        smask = (sl >= lo) & (sl < cur)  # the new slot is counted from registers below
+        kp = kc_ptr + base + sl[:, None] * stride_cs + i[None, :]
+        scores = _qk(q1, tl.load(kp, mask=smask[:, None], other=0.0), USE_DOT, IEEE) + \
+            _qk(q2, tl.load(kp + HALF, mask=smask[:, None], other=0.0), USE_DOT, IEEE)
+        scores = tl.where(smask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vp = vc_ptr + base + sl[:, None] * stride_cs + i[None, :]
+        acc1 = acc1 * alpha[:, None] + _pv(p, tl.load(vp, mask=smask[:, None], other=0.0), USE_DOT, IEEE)
+        acc2 = acc2 * alpha[:, None] + _pv(p, tl.load(vp + HALF, mask=smask[:, None], other=0.0), USE_DOT, IEEE)
+        m_i = m_new
+    if (cur >= chunk * CHUNK) & (cur < (chunk + 1) * CHUNK):
+        k1 = tl.load(row + (HQ + kvh) * D + i).to(tl.float32)
+        k2 = tl.load(row + (HQ + kvh) * D + HALF + i).to(tl.float32)
+        if HAS_QK_NORM:
+            kr = tl.rsqrt((tl.sum(k1 * k1, axis=0) + tl.sum(k2 * k2, axis=0)) / D + eps)
+            k1 = k1 * kr * (tl.load(kn_ptr + i).to(tl.float32) + norm_offset)
+            k2 = k2 * kr * (tl.load(kn_ptr + HALF + i).to(tl.float32) + norm_offset)
+        k1, k2 = (k1 * c - k2 * s).to(cache_ty), (k2 * c + k1 * s).to(cache_ty)
+        v1 = tl.load(row + (HQ + HK + kvh) * D + i).to(cache_ty)
+        v2 = tl.load(row + (HQ + HK + kvh) * D + HALF + i).to(cache_ty)
+        off = base + cur * stride_cs
+        tl.store(kc_ptr + off + i, k1)
+        tl.store(kc_ptr + off + HALF + i, k2)
+        tl.store(vc_ptr + off + i, v1)
+        tl.store(vc_ptr + off + HALF + i, v2)
+        s_new = tl.sum(q1.to(tl.float32) * k1.to(tl.float32)[None, :], axis=1) + \
+            tl.sum(q2.to(tl.float32) * k2.to(tl.float32)[None, :], axis=1)
+        m_new = tl.maximum(m_i, s_new)
+        alpha = tl.exp(m_i - m_new)
+        p_new = tl.exp(s_new - m_new)
+        l_i = l_i * alpha + p_new
+        acc1 = acc1 * alpha[:, None] + p_new[:, None] * v1.to(tl.float32)[None, :]
+        acc2 = acc2 * alpha[:, None] + p_new[:, None] * v2.to(tl.float32)[None, :]
+        m_i = m_new
+    out = (b * HQ + heads) * n_chunks + chunk
+    tl.store(m_ptr + out, m_i, mask=gmask)
+    tl.store(l_ptr + out, l_i, mask=gmask)
+    tl.store(acc_ptr + out[:, None] * D + i[None, :], acc1, mask=gmask[:, None])
+    tl.store(acc_ptr + out[:, None] * D + HALF + i[None, :], acc2, mask=gmask[:, None])
+
+
+@triton.jit
+def _combine_oproj_kernel(m_ptr, l_ptr, acc_ptr, w_ptr, h_ptr, N, n_chunks, stride_w,
+                          D: tl.constexpr, CHUNKS_P2: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
+    """Batch 1: pass 2 fused with the output projection. Program (row block, head) combines the head's chunks into
+    o_h and adds W_o[rows, head columns] . o_h to the fp32 residual atomically (split-K over heads)."""
+    pid_n = tl.program_id(0)
+    head = tl.program_id(1)
+    pdl_prologue(USE_PDL)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, D)
+    w = tl.load(w_ptr + rn[:, None] * stride_w + head * D + d[None, :], mask=(rn < N)[:, None], other=0.0)
+    pdl_wait(USE_PDL)
+    c = tl.arange(0, CHUNKS_P2)
+    cmask = c < n_chunks
+    row = head * n_chunks + c
+    m = tl.load(m_ptr + row, mask=cmask, other=float("-inf"))
+    l = tl.load(l_ptr + row, mask=cmask, other=0.0)
+    live = cmask & (l > 0)
+    m_max = tl.max(tl.where(live, m, float("-inf")), axis=0)
+    wgt = tl.where(live, tl.exp(tl.where(live, m, m_max) - m_max), 0.0)
+    acc = tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=cmask[:, None], other=0.0)
+    o = tl.sum(acc * wgt[:, None], axis=0) / tl.sum(l * wgt, axis=0)
+    o = o.to(w_ptr.dtype.element_ty).to(tl.float32)  # as the unfused path rounds o to the model's dtype
+    tl.atomic_add(h_ptr + rn, tl.sum(w.to(tl.float32) * o[None, :], axis=1), mask=rn < N)
+
+
+class RopeAttention(DecodeAttention):
+    """RoPE + cache write + attention in two launches (`rope_attention`), and for batch 1 optionally the output
+    projection folded into the second (`rope_attention_oproj_`)."""
+
+    num_warps = 4
+
+    def rope_attention(self, qkv, positions, inv_freq, rope_scaling, k_cache, v_cache, start, slot, scale, window,
+                       q_norm, k_norm, eps, norm_offset, pdl=False):
+        b, hq, hk, d = self.shape
+        has_norm = q_norm is not None
+        _rope_attn_partial_kernel[(b, hk, self.n_chunks)](
+            qkv, positions, inv_freq, rope_scaling, q_norm if has_norm else qkv, k_norm if has_norm else qkv, eps,
+            norm_offset, k_cache, v_cache, start, slot, self.m, self.l, self.acc, window, scale, hq, hk,
+            qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), self.n_chunks,
+            GROUP=self.group, GROUP_P2=self.group_p2, HALF=d // 2, BLOCK_S=self.block_s,
+            BLOCKS_PER_CHUNK=self.blocks_per_chunk, HAS_QK_NORM=has_norm, USE_DOT=self.use_dot,
+            IEEE=k_cache.dtype == torch.float32, USE_PDL=pdl, num_warps=self.num_warps, **launch_options(pdl))
+
+    def combine(self, out, pdl=False):
+        b, hq, _, d = self.shape
+        _attn_combine_kernel[(b, hq)](self.m, self.l, self.acc, out, self.n_chunks, out.stride(0), out.stride(1), hq,
+                                      D=d, CHUNKS_P2=triton.next_power_of_2(self.n_chunks), USE_PDL=pdl,
+                                      num_warps=4, **launch_options(pdl))
+        return out
+
+    def combine_oproj_(self, wo, h, pdl=False, block_n=64, num_warps=4):
+        """h (fp32 [hidden]) += W_o . attention output (batch 1)."""
+        _, hq, _, d = self.shape
+        n = wo.shape[0]
+        _combine_oproj_kernel[(triton.cdiv(n, block_n), hq)](
+            self.m, self.l, self.acc, wo, h, n, self.n_chunks, wo.stride(0), D=d,
+            CHUNKS_P2=triton.next_power_of_2(self.n_chunks), BLOCK_N=block_n, USE_PDL=pdl, num_warps=num_warps,
+            **launch_options(pdl))

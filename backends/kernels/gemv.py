@@ -5,9 +5,14 @@
     accumulate: out[n] += y[n]          atomically, so split-K partial sums land straight in the fp32 residual
 
 One program owns BLOCK_N output rows and 1/SPLIT_K of the reduction; it streams [BLOCK_N, BLOCK_K] weight tiles
-(contiguous along K) and keeps an fp32 [BLOCK_N, BLOCK_K] accumulator, reduced once at the end. The RMSNorm prologue
-recomputes the row's inverse RMS in every program (x is a few KiB and sits in L2), which is cheaper than a separate
-launch. With SPLIT_K = 1 the result is deterministic; with SPLIT_K > 1 the fp32 additions happen in arrival order.
+(contiguous along K) and keeps an fp32 [BLOCK_N, BLOCK_K] accumulator, reduced once at the end. RMSNorm costs no
+extra pass: y = rstd * sum_k W[n, k] (x[k] (w[k] + offset)), and with SPLIT_K = 1 the program sees all of x, so the
+sum of squares accumulates in the same loop (a split program computes it in a short prologue instead). With
+SPLIT_K = 1 the result is deterministic; with SPLIT_K > 1 the fp32 additions happen in arrival order.
+
+Programmatic dependent launch (Hopper; `pdl=True`): the kernel lets its successor launch early and, before waiting
+for its predecessor (`gdc_wait`), prefetches its own weight slice into L2: weights never depend on the previous
+kernel, so the memory system streams them while the small kernels before it (attention, rope) run.
 """
 
 from __future__ import annotations
@@ -28,33 +33,89 @@ class GemvConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    preload: bool = False  # load the first weight tile before waiting for the previous kernel (see gemv())
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask for the 128-byte lines at `ptrs` to be brought into L2 (no registers written)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs], dtype=tl.int32, is_pure=False,
+                              pack=1)
+
+
+@triton.jit
+def pdl_prologue(USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, u_ptr, nw_ptr, out_ptr, N, K, stride_w, eps, norm_offset, k_per_split,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_NORM: tl.constexpr, GATED: tl.constexpr,
-                 ACT: tl.constexpr, ACCUMULATE: tl.constexpr, EVEN: tl.constexpr):
+                 ACT: tl.constexpr, ACCUMULATE: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr,
+                 USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, k_prefetch, PRELOAD: tl.constexpr,
+                 TRIGGER: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
-    if HAS_NORM:
-        ss = tl.zeros([BLOCK_K], tl.float32)
+    k_start = pid_k * k_per_split
+    if PREFETCH:
+        # one address per 128-byte line of the first k_prefetch columns of this program's weight slice
+        LINE: tl.constexpr = 128 // w_ptr.dtype.element_ty.primitive_bitwidth * 8
+        for i in range(0, k_prefetch, BLOCK_K):
+            lines = k_start + i + tl.arange(0, BLOCK_K // LINE) * LINE
+            prefetch_l2(w_ptr + rn[:, None] * stride_w + lines[None, :])
+            if GATED:
+                prefetch_l2(u_ptr + rn[:, None] * stride_w + lines[None, :])
+    if TRIGGER == 0:
+        pdl_prologue(USE_PDL)
+    if PRELOAD:  # weights never depend on the previous kernel: have the first tile in flight while waiting
+        rk0 = k_start + tl.arange(0, BLOCK_K)
+        w_first = tl.load(w_ptr + rn[:, None] * stride_w + rk0[None, :], mask=nmask[:, None] & (rk0 < K)[None, :],
+                          other=0.0)
+        if GATED:
+            u_first = tl.load(u_ptr + rn[:, None] * stride_w + rk0[None, :],
+                              mask=nmask[:, None] & (rk0 < K)[None, :], other=0.0)
+    pdl_wait(USE_PDL)
+    if HAS_NORM and SPLIT:
+        ss_pre = tl.zeros([BLOCK_K], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             xv = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
-            ss += xv * xv
-        rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+            ss_pre += xv * xv
+        rstd = tl.rsqrt(tl.sum(ss_pre, axis=0) / K + eps)
+    ss = tl.zeros([BLOCK_K], tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     if GATED:
         acc_u = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    k_start = pid_k * k_per_split
-    for i in range(0, k_per_split, BLOCK_K):  # bounds from arguments only (the interpreter needs that)
-        rk = k_start + i + tl.arange(0, BLOCK_K)
+    if PRELOAD:
+        rk = rk0
+        xv = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            if not SPLIT:
+                ss += xv * xv
+            xv = xv * (tl.load(nw_ptr + rk, mask=rk < K, other=0.0).to(tl.float32) + norm_offset)
+        acc += w_first.to(tl.float32) * xv[None, :]
+        if GATED:
+            acc_u += u_first.to(tl.float32) * xv[None, :]
+    for i in range(BLOCK_K if PRELOAD else 0, k_per_split, BLOCK_K):  # bounds from arguments (the interpreter
+        rk = k_start + i + tl.arange(0, BLOCK_K)                        # needs that)
+        if TRIGGER == 1:
+            if i == k_per_split - BLOCK_K:
+                pdl_prologue(USE_PDL)
         if EVEN:
             xv = tl.load(x_ptr + rk).to(tl.float32)
             if HAS_NORM:
-                xv = xv * rstd * (tl.load(nw_ptr + rk).to(tl.float32) + norm_offset)
+                if not SPLIT:
+                    ss += xv * xv
+                xv = xv * (tl.load(nw_ptr + rk).to(tl.float32) + norm_offset)
             w = tl.load(w_ptr + rn[:, None] * stride_w + rk[None, :])
             if GATED:
                 u = tl.load(u_ptr + rn[:, None] * stride_w + rk[None, :])
@@ -62,7 +123,9 @@ def _gemv_kernel(x_ptr, w_ptr, u_ptr, nw_ptr, out_ptr, N, K, stride_w, eps, norm
             kmask = rk < K
             xv = tl.load(x_ptr + rk, mask=kmask, other=0.0).to(tl.float32)
             if HAS_NORM:
-                xv = xv * rstd * (tl.load(nw_ptr + rk, mask=kmask, other=0.0).to(tl.float32) + norm_offset)
+                if not SPLIT:
+                    ss += xv * xv
+                xv = xv * (tl.load(nw_ptr + rk, mask=kmask, other=0.0).to(tl.float32) + norm_offset)
             wmask = nmask[:, None] & kmask[None, :]
             w = tl.load(w_ptr + rn[:, None] * stride_w + rk[None, :], mask=wmask, other=0.0)
             if GATED:
@@ -70,48 +133,82 @@ def _gemv_kernel(x_ptr, w_ptr, u_ptr, nw_ptr, out_ptr, N, K, stride_w, eps, norm
         acc += w.to(tl.float32) * xv[None, :]
         if GATED:
             acc_u += u.to(tl.float32) * xv[None, :]
+    if TRIGGER == 2:
+        pdl_prologue(USE_PDL)  # the next kernel may launch now: this one only has its epilogue left
     y = tl.sum(acc, axis=1)
     if GATED:
-        y = apply_act(y, ACT) * tl.sum(acc_u, axis=1)
+        y_u = tl.sum(acc_u, axis=1)
+    if HAS_NORM:
+        if not SPLIT:
+            rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+        y = y * rstd
+        if GATED:
+            y_u = y_u * rstd
+    if GATED:
+        y = apply_act(y, ACT) * y_u
     if ACCUMULATE:
         tl.atomic_add(out_ptr + rn, y, mask=nmask)
     else:
         tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=nmask)
 
 
-def default_config(n: int, k: int, gated: bool, accumulate: bool, sms: int = 132) -> GemvConfig:
-    block_n = 8 if gated else 16
-    block_k = 512 if k >= 4096 else 256
-    split = 1
+def default_config(n: int, k: int, gated: bool, accumulate: bool) -> GemvConfig:
+    """One config per kind of GEMV, each within 2% of the per-shape best on an H100 (benchmarks/gemv_tune.py,
+    bf16, every linear shape of Llama-3.2-1B and Qwen3-1.7B, programmatic dependent launch; BENCHMARKS.md): narrow
+    programs with long K tiles, 8 warps, 4-stage pipelines, the first tile loaded before the dependency wait; the
+    GEMVs that accumulate into the residual (few output rows, long K) split K four ways."""
+    def widest(*sizes):
+        return next((b for b in sizes if k % b == 0), sizes[-1])
+
     if accumulate:  # only an fp32 accumulating output can take split-K partial sums
-        programs = triton.cdiv(n, block_n)
-        while programs * split < 4 * sms and k // (block_k * split * 2) >= 1:
-            split *= 2
-    return GemvConfig(block_n=block_n, block_k=block_k, split_k=split)
+        split = 4 if k % (256 * 4) == 0 else 1
+        return GemvConfig(block_n=16, block_k=256, split_k=split, num_warps=8, num_stages=3, preload=True)
+    if gated:
+        return GemvConfig(block_n=8, block_k=widest(512, 256, 128), num_warps=8, num_stages=4, preload=True)
+    return GemvConfig(block_n=8, block_k=widest(1024, 512, 256, 128), num_warps=8, num_stages=4, preload=True)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, norm_w: torch.Tensor | None = None,
          eps: float = 1e-6, norm_offset: float = 0.0, up: torch.Tensor | None = None, act: str = "silu",
-         accumulate: bool = False, config: GemvConfig | None = None) -> torch.Tensor:
-    """x: [K] or [1, K]; w (and up): [N, K] contiguous; out: [N] (fp32 when accumulating)."""
+         accumulate: bool = False, config: GemvConfig | None = None, pdl: bool = False,
+         prefetch: bool = False, preload: bool | None = None, trigger: str = "end") -> torch.Tensor:
+    """x: [K] or [1, K]; w (and up): [N, K] contiguous; out: [N] (fp32 when accumulating).
+
+    `pdl` (Hopper, compiled kernels only) launches with programmatic dependent launch; `prefetch` also streams
+    this kernel's weights into L2 before waiting for the previous kernel.
+    """
     n, k = w.shape
     if accumulate and out.dtype != torch.float32:
         raise ValueError("accumulate=True needs an fp32 output")
     config = config or default_config(n, k, up is not None, accumulate)
+    preload = config.preload if preload is None else preload
     split = config.split_k if accumulate else 1
     k_per_split = triton.cdiv(triton.cdiv(k, split), config.block_k) * config.block_k
     even = n % config.block_n == 0 and k % (config.block_k * split) == 0 and k_per_split * split == k
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(k, k_per_split))
+    # prefetch at most PREFETCH_BYTES of this kernel's weights (L2 is 50 MB on an H100)
+    row_bytes = w.element_size() * n * (2 if up is not None else 1)
+    k_prefetch = min(k_per_split, max(config.block_k, PREFETCH_BYTES // row_bytes // config.block_k * config.block_k))
     _gemv_kernel[grid](x, w, up if up is not None else w, norm_w if norm_w is not None else x, out, n, k,
                        w.stride(0), eps, norm_offset, k_per_split,
                        BLOCK_N=config.block_n, BLOCK_K=config.block_k, HAS_NORM=norm_w is not None,
                        GATED=up is not None, ACT=ACTIVATIONS[act], ACCUMULATE=accumulate, EVEN=even,
-                       num_warps=config.num_warps, num_stages=config.num_stages)
+                       SPLIT=grid[1] > 1, USE_PDL=pdl, PREFETCH=pdl and prefetch, k_prefetch=k_prefetch,
+                       PRELOAD=preload, TRIGGER=TRIGGERS[trigger],
+                       num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(pdl))
     return out
 
 
+PREFETCH_BYTES = 16 * 2**20
+TRIGGERS = {"start": 0, "last": 1, "end": 2}
+
+
+def launch_options(pdl: bool) -> dict:
+    return {"launch_pdl": True} if pdl else {}
+
+
 def gemv_torch(x, w, out, *, norm_w=None, eps=1e-6, norm_offset=0.0, up=None, act="silu", accumulate=False,
-               config=None):
+               config=None, pdl=False, prefetch=False, preload=None, trigger="end"):
     from backends.kernels.activation import gated_torch
     from backends.kernels.norms import rmsnorm_torch
 

@@ -5,9 +5,8 @@ For a head vector x of size D, halves x1 = x[:D/2], x2 = x[D/2:], angles a_i = p
 `inv_freq` comes from the model's own rotary module, so every RoPE variant (Llama 3 scaling, Gemma's local and
 global bases) is honoured. Angles are computed in fp32 from each sequence's own position (left padding).
 
-`rope_qk` rotates q and k in one kernel. `qkv_rope_cache_` is the decode step's fused version: it reads the packed
-q|k|v projection of one token per sequence, applies the optional per-head q/k RMSNorm (Qwen3, Gemma3), rotates,
-writes q to `q_out` and k, v into the static cache at slot `slot[0]`.
+`rope_qk` rotates q and k in one kernel. The decode step folds RoPE, the Qwen3/Gemma3 q/k norms and the cache write
+into its attention kernel (attention.py); `qkv_rope_cache_torch_` is that part's PyTorch reference.
 """
 
 from __future__ import annotations
@@ -70,68 +69,9 @@ def rope_qk_torch(q, k, positions, inv_freq, scaling=1.0):
     return rope_torch(q, positions, inv_freq, scaling), rope_torch(k, positions, inv_freq, scaling)
 
 
-@triton.jit
-def _head_norm(x1, x2, w_ptr, eps, offset, HALF: tl.constexpr):
-    i = tl.arange(0, HALF)
-    var = (tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF)
-    r = tl.rsqrt(var + eps)
-    w1 = tl.load(w_ptr + i).to(tl.float32) + offset
-    w2 = tl.load(w_ptr + HALF + i).to(tl.float32) + offset
-    return x1 * r * w1, x2 * r * w2
-
-
-@triton.jit
-def _qkv_rope_cache_kernel(qkv_ptr, pos_ptr, inv_freq_ptr, scaling, qo_ptr, kc_ptr, vc_ptr, slot_ptr,
-                           qn_ptr, kn_ptr, eps, norm_offset, HQ, HK, stride_qkv, stride_qo,
-                           stride_cb, stride_ch, stride_cs,
-                           HALF: tl.constexpr, HAS_QK_NORM: tl.constexpr):
-    row = tl.program_id(0)
-    head = tl.program_id(1)
-    D: tl.constexpr = 2 * HALF
-    i = tl.arange(0, HALF)
-    pos = tl.load(pos_ptr + row).to(tl.float32)
-    base = qkv_ptr + row * stride_qkv
-    if head < HQ:
-        x1 = tl.load(base + head * D + i).to(tl.float32)
-        x2 = tl.load(base + head * D + HALF + i).to(tl.float32)
-        if HAS_QK_NORM:
-            x1, x2 = _head_norm(x1, x2, qn_ptr, eps, norm_offset, HALF)
-        o1, o2 = _rotate(x1, x2, pos, inv_freq_ptr, scaling, HALF)
-        dst = qo_ptr + row * stride_qo + head * D
-        tl.store(dst + i, o1.to(qo_ptr.dtype.element_ty))
-        tl.store(dst + HALF + i, o2.to(qo_ptr.dtype.element_ty))
-    else:
-        j = head - HQ
-        slot = tl.load(slot_ptr)
-        x1 = tl.load(base + (HQ + j) * D + i).to(tl.float32)
-        x2 = tl.load(base + (HQ + j) * D + HALF + i).to(tl.float32)
-        if HAS_QK_NORM:
-            x1, x2 = _head_norm(x1, x2, kn_ptr, eps, norm_offset, HALF)
-        o1, o2 = _rotate(x1, x2, pos, inv_freq_ptr, scaling, HALF)
-        off = row * stride_cb + j * stride_ch + slot * stride_cs
-        tl.store(kc_ptr + off + i, o1.to(kc_ptr.dtype.element_ty))
-        tl.store(kc_ptr + off + HALF + i, o2.to(kc_ptr.dtype.element_ty))
-        v1 = tl.load(base + (HQ + HK + j) * D + i)
-        v2 = tl.load(base + (HQ + HK + j) * D + HALF + i)
-        tl.store(vc_ptr + off + i, v1.to(vc_ptr.dtype.element_ty))
-        tl.store(vc_ptr + off + HALF + i, v2.to(vc_ptr.dtype.element_ty))
-
-
-def qkv_rope_cache_(qkv, positions, inv_freq, scaling, q_out, k_cache, v_cache, slot, q_norm=None, k_norm=None,
-                    eps=1e-6, norm_offset=0.0):
-    """qkv: [M, (Hq + 2 Hk) * D]; q_out: [M, Hq, D]; caches: [M, Hk, S, D]; slot: int32 [1] on the device."""
-    m, hq, d = q_out.shape
-    hk = k_cache.shape[1]
-    has_norm = q_norm is not None
-    _qkv_rope_cache_kernel[(m, hq + hk)](
-        qkv, positions, inv_freq, scaling, q_out, k_cache, v_cache, slot,
-        q_norm if has_norm else qkv, k_norm if has_norm else qkv, eps, norm_offset, hq, hk,
-        qkv.stride(0), q_out.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        HALF=d // 2, HAS_QK_NORM=has_norm)
-
-
 def qkv_rope_cache_torch_(qkv, positions, inv_freq, scaling, q_out, k_cache, v_cache, slot, q_norm=None,
                           k_norm=None, eps=1e-6, norm_offset=0.0):
+    """qkv: [M, (Hq + 2 Hk) D] -> q_out [M, Hq, D] (normed, rotated); k, v written into the caches at slot[0]."""
     from backends.kernels.norms import rmsnorm_torch
 
     m, hq, d = q_out.shape

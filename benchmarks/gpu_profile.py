@@ -1,0 +1,110 @@
+"""Per-kernel GPU time of one decode step of the fast path, for several variants, from the PyTorch profiler.
+
+    python benchmarks/gpu_profile.py llama-3.2-1b --out profile.json
+
+For each variant: the step time of the captured graph (CUDA events, median of 200 replays) and, from an eager step
+under the profiler, the summed device time per kernel name (what each kind of launch costs, without launch gaps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from backends.hf_torch import HFRunner  # noqa: E402
+from backends.llama_fast import FastRunner  # noqa: E402
+from portable import models  # noqa: E402
+from portable.config import RunConfig  # noqa: E402
+
+VARIANTS = {
+    "default": dict(),
+    "attn bs32": dict(attention_block_s=32),
+    "attn bs32 w8": dict(attention_block_s=32, attention_warps=8),
+    "attn bs16": dict(attention_block_s=16),
+    "attn w8": dict(attention_warps=8),
+    "oproj64": dict(oproj_block_n=64),
+    "oproj128 w8": dict(oproj_warps=8),
+    "oproj256 w8": dict(oproj_block_n=256, oproj_warps=8),
+}
+
+
+def replay_ms(runner, reps=200) -> float:
+    g = runner._graph
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def profile(runner, steps=5) -> dict:
+    d = runner.decoder
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    for _ in range(2):
+        d.step()
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(steps):
+            d.step()
+        torch.cuda.synchronize()
+    totals, counts = defaultdict(float), defaultdict(int)
+    for e in p.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            name = e.name.split("(")[0][:60]
+            totals[name] += e.device_time_total / steps
+            counts[name] += 1
+    return {k: {"us_per_step": round(v, 1), "launches_per_step": counts[k] // steps}
+            for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("models", nargs="+")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--out", type=Path, default=Path("gpu_profile.json"))
+    args = parser.parse_args()
+    results = []
+    for name in args.models:
+        loaded = models.load(models.resolve(f"preset:{name}"), precision="bf16", device="cuda")
+        hf = HFRunner(loaded, backend="cuda", precision="bf16", device=torch.device("cuda"))
+        ids = torch.randint(10, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
+        cache = hf.prefill(ids, torch.ones_like(ids))
+        for variant in args.variants.split(","):
+            v = VARIANTS[variant]
+            runner = FastRunner(loaded, backend="cuda", config=RunConfig(kernels="triton"), device=torch.device("cuda"))
+            for knob, value in v.items():
+                setattr(runner.decoder, knob, value)
+            try:
+                runner.start(cache, 256)
+                step_ms = replay_ms(runner)
+                kernels = profile(runner)
+            except Exception as e:
+                print(json.dumps({"model": name, "variant": variant, "error": f"{type(e).__name__}: {e}"[:400]}))
+                continue
+            total = sum(k["us_per_step"] for k in kernels.values())
+            row = {"model": name, "variant": variant, "graph_step_ms": round(step_ms, 4),
+                   "kernel_sum_us": round(total, 1), "kernels": kernels}
+            results.append(row)
+            print(f"{name} {variant:26s} graph step {step_ms * 1e3:7.1f} us  kernels {total:7.1f} us", flush=True)
+            for k, v2 in list(kernels.items())[:8]:
+                print(f"    {v2['us_per_step']:7.1f} us  x{v2['launches_per_step']:3d}  {k}", flush=True)
+            del runner
+        del hf, loaded
+        torch.cuda.empty_cache()
+    args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
