@@ -151,7 +151,8 @@ class OrtBackend:
         artifact = store.get(
             "onnx", key, rebuild=config.rebuild, label=f"ONNX {config.precision} graph",
             compile=lambda: build_graph(meta, source, config.precision, fp16_mode(provider, fp16), stages,
-                                        base=store.find("onnx", artifact_key(meta.identity, "fp32", provider))),
+                                        base=None if config.rebuild or config.precision == "fp32" else
+                                        store.find("onnx", artifact_key(meta.identity, "fp32", provider))),
             save=save_graph, load=lambda folder, manifest: open_session(folder, manifest, provider, device_id))
         session, spec = artifact.value
         details = {"path": "onnx", "provider": short(provider), "providers": session.get_providers(),
@@ -242,7 +243,7 @@ def build_graph(meta: _ModelMeta, source, precision: str, fp16: str, stages: Sta
     """Export (and convert or quantize) the model: the compile stage. Returns (onnx model, GraphSpec).
 
     fp16 by conversion and int8 start from the fp32 graph: from the saved fp32 artifact `base` when there is one
-    (no second export), else from a fresh export.
+    (no second export; not with --rebuild), else from a fresh export.
     """
     import onnx_ir as ir
 
