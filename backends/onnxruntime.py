@@ -254,7 +254,7 @@ def build_graph(meta: _ModelMeta, source, precision: str, fp16: str, stages: Sta
             model, spec = ir.load(base / MODEL_FILE), GraphSpec.from_dict(read_manifest(base)["graph"])
     else:
         loaded = meta.loaded if meta.loaded is not None and dtype == "fp32" else models.load(
-            source, precision=dtype, device="cpu", attn="sdpa")
+            source, precision=dtype, device="cpu", attn="eager")  # the export swaps attention in any case
         with stages.stage("export", f"Exporting {loaded.identity.get('architecture')} to ONNX (torch.onnx, dynamo)"):
             model, spec = onnx_export.export(loaded.model)
         del loaded

@@ -1,0 +1,157 @@
+"""CUDA and ROCm backends. On CPU: the build checks with simulated HIP and CUDA builds of PyTorch, and the fast decode
+step against Hugging Face. On a GPU (marked `gpu`): exactness, precisions, graph capture and the compiled artifact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import backends
+from backends.cuda import CudaBackend
+from backends.gpu import TorchGpuBackend
+from backends.hf_torch import HFRunner
+from backends.llama_fast import FastRunner, pdl_supported, supports
+from backends.rocm import RocmBackend
+from portable import models
+from portable.config import RunConfig
+from portable.errors import PortableError
+from portable.pipeline import tokenize
+from tests.conftest import read_json, run_cli
+from tests.models import PROMPTS
+
+
+def simulate(monkeypatch, hip: str | None, cuda: str | None, gpus: int = 1):
+    monkeypatch.setattr(torch.version, "hip", hip, raising=False)
+    monkeypatch.setattr(torch.version, "cuda", cuda, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+
+
+def test_rocm_build_is_rocm_not_cuda(monkeypatch):
+    simulate(monkeypatch, hip="6.2.41133", cuda=None)
+    assert RocmBackend().is_available().ok
+    why = CudaBackend().is_available()
+    assert not why.ok and "ROCm" in why.reason and "--backend rocm" in why.reason
+
+
+def test_cuda_build_is_cuda_not_rocm(monkeypatch):
+    simulate(monkeypatch, hip=None, cuda="13.0")
+    assert CudaBackend().is_available().ok
+    why = RocmBackend().is_available()
+    assert not why.ok and "CUDA build" in why.reason and "--backend cuda" in why.reason
+
+
+def test_build_without_visible_gpu(monkeypatch):
+    simulate(monkeypatch, hip="6.2", cuda=None, gpus=0)
+    why = RocmBackend().is_available()
+    assert not why.ok and "no ROCM GPU is visible" in why.reason
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only build")
+def test_cpu_only_build_refuses_both_with_one_line(monkeypatch):
+    for name in ("cuda", "rocm"):
+        with pytest.raises(PortableError, match="CPU-only build.*available: cpu"):
+            backends.require(name)
+
+
+def test_no_programmatic_dependent_launch_on_rocm(monkeypatch):
+    monkeypatch.setattr(torch.version, "hip", "6.2", raising=False)
+    assert not pdl_supported(torch.device("cuda"))
+    assert not pdl_supported(torch.device("cpu"))
+
+
+def test_flash_attention_needs_its_package():
+    try:
+        import flash_attn  # noqa: F401
+        pytest.skip("flash_attn is installed")
+    except ImportError:
+        pass
+    assert "flash_attn package is not installed" in TorchGpuBackend().attention_available("flash_attention_2")
+    assert TorchGpuBackend().attention_available("sdpa") is None
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "mistral", "gemma3"])
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_fast_decode_step_matches_hugging_face(tiny_model, name, kernels):
+    """The fused decode step (no graphs: it runs on CPU too) against the HF reference, at batch 2 with left padding
+    and prompts longer than the sliding window, and at batch 1 (the GEMV path)."""
+    loaded = models.load(models.resolve(str(tiny_model(name))), "fp32", "cpu")
+    assert supports(loaded.model) is None
+    hf = HFRunner(loaded, "cpu", "fp32", torch.device("cpu"))
+    ids, mask = tokenize(hf.tokenizer, list(PROMPTS), 0)
+    cache = hf.prefill(ids, mask)
+    for c in (cache, cache.select([1])):
+        fast = FastRunner(loaded, "cpu", RunConfig(kernels=kernels), torch.device("cpu"), graphs=False)
+        hf.start(c, 6)
+        fast.start(c, 6)
+        token = c.next_token_logits.argmax(-1)
+        for _ in range(6):
+            a, b = hf.decode_step(token), fast.decode_step(token)
+            assert float((a - b).norm() / a.norm()) < 1e-5
+            token = a.argmax(-1)
+
+
+def test_models_outside_the_family_keep_the_hugging_face_path(tiny_model):
+    loaded = models.load(models.resolve(str(tiny_model("gpt_bigcode"))), "fp32", "cpu")
+    assert "not in the Llama family" in supports(loaded.model)
+
+
+# ---- on a GPU ----
+
+@pytest.fixture(scope="module")
+def cpu_cache(tmp_path_factory):
+    """A cache file prefilled on the CPU (the headline use: CPU prefill, GPU decode)."""
+    path = tmp_path_factory.mktemp("gpu") / "c.safetensors"
+    run_cli("prefill.py", "--out", str(path), "-q")
+    return path
+
+
+@pytest.mark.gpu
+def test_cuda_fp32_is_exact_with_cpu_fp32(cpu_cache, tmp_path):
+    run_cli("decode.py", "--cache", str(cpu_cache), "--backend", "cuda", "--precision", "fp32", "--json",
+            str(tmp_path / "r.json"), "-q", "--artifact-dir", str(tmp_path / "art"))
+    report = read_json(tmp_path / "r.json")
+    assert report["parity"]["verdict"] == "exact", report["parity"]
+    assert report["backend_details"]["path"] == "fast" and report["backend_details"]["cuda_graph"]
+    assert report["timing"]["compile_s"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_reduced_precision_verdicts(cpu_cache, tmp_path, precision):
+    run_cli("decode.py", "--cache", str(cpu_cache), "--backend", "cuda", "--precision", precision, "--json",
+            str(tmp_path / "r.json"), "-q", "--artifact-dir", str(tmp_path / "art"))
+    assert read_json(tmp_path / "r.json")["parity"]["verdict"] in ("exact", "within-precision")
+
+
+@pytest.mark.gpu
+def test_cuda_artifact_is_saved_then_reused_in_a_fresh_process(cpu_cache, tmp_path):
+    args = ["decode.py", "--cache", str(cpu_cache), "--backend", "cuda", "--precision", "bf16", "-q", "--no-parity",
+            "--artifact-dir", str(tmp_path / "art")]
+    run_cli(*args, "--json", str(tmp_path / "a.json"))
+    run_cli(*args, "--json", str(tmp_path / "b.json"))
+    first, second = read_json(tmp_path / "a.json")["timing"], read_json(tmp_path / "b.json")["timing"]
+    assert first["artifact_reused"] is False and first["compile_s"] > 0 and first["save_s"] > 0
+    assert second["artifact_reused"] is True and second["compile_s"] is None and second["load_s"] > 0
+    assert read_json(tmp_path / "a.json")["tokens"] == read_json(tmp_path / "b.json")["tokens"]
+    run_cli(*args, "--rebuild", "--json", str(tmp_path / "c.json"))
+    assert read_json(tmp_path / "c.json")["timing"]["artifact_reused"] is False
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_matches_eager_fast_path():
+    loaded = models.load(models.resolve("default"), "bf16", "cuda")
+    hf = HFRunner(loaded, "cuda", "bf16", torch.device("cuda"))
+    ids, mask = tokenize(hf.tokenizer, list(PROMPTS), 0)
+    cache = hf.prefill(ids, mask).select([0])
+    graphed = FastRunner(loaded, "cuda", RunConfig(precision="bf16"), torch.device("cuda"))
+    eager = FastRunner(loaded, "cuda", RunConfig(precision="bf16"), torch.device("cuda"), graphs=False, pdl=False)
+    graphed.start(cache, 8)
+    eager.start(cache, 8)
+    token = cache.next_token_logits.argmax(-1)
+    for _ in range(8):
+        a = eager.decode_step(token).clone()
+        b = graphed.decode_step(token).clone()
+        assert float((a - b).norm() / a.norm()) < 1e-2
+        token = a.argmax(-1)
