@@ -198,6 +198,9 @@ def test_unknown_peer_is_refused():
         Peers(("vllm",))
     assert Peers(("hf",)).engines("cpu") == ["hf-dynamic"]
     assert Peers(("hf",)).engines("cuda") == ["hf-dynamic", "hf-static-compile"]
+    assert Peers(("hf-dynamic",)).engines("cuda") == ["hf-dynamic"]
+    assert Peers(("hf-static-compile",)).engines("cuda") == ["hf-static-compile"]
+    assert Peers(("hf-static-compile",)).engines("cpu") == []
 
 
 # ---- the harness on the embedded model ---------------------------------------------------------------------------

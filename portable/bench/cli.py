@@ -55,7 +55,8 @@ def bench(
     device: Annotated[Optional[str], typer.Option("--device", help="Device, e.g. cuda:1.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the random prompt token ids.")] = None,
     compare: Annotated[ListOpt, typer.Option("--compare", help=(
-        "Also time a peer on every point: hf (generate with a dynamic cache; on GPUs also static cache + compile)."
+        "Also time a peer on every point: hf (generate with a dynamic cache; on GPUs also static cache + compile), "
+        "or one of those alone: hf-dynamic, hf-static-compile."
     ))] = None,
     profile: Annotated[Optional[Path], typer.Option("--profile", help=(
         "Write a PyTorch profiler Chrome trace of a few steps of every point to this folder."))] = None,

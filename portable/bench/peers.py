@@ -30,7 +30,7 @@ from portable.bench.run import Rep, _fail, base_result, prompt, summarize
 from portable.bench.spec import SweepSpec, TestSpec
 from portable.errors import PortableError
 
-PEERS = ("hf",)
+PEERS = ("hf", "hf-dynamic", "hf-static-compile")  # "hf": both engines (the second on GPUs only)
 
 
 class Peers:
@@ -42,9 +42,10 @@ class Peers:
         self._loaded: tuple[object, object] | None = None  # (runner, HF model) of the current group
 
     def engines(self, backend: str) -> list[str]:
-        if "hf" not in self.names:
-            return []
-        return ["hf-dynamic"] + (["hf-static-compile"] if backend in GPU_BACKENDS else [])
+        gpu = backend in GPU_BACKENDS
+        return [engine for engine, wanted in (("hf-dynamic", {"hf", "hf-dynamic"}),
+                                             ("hf-static-compile", {"hf", "hf-static-compile"} if gpu else set()))
+                if wanted & set(self.names)]
 
     def release(self) -> None:
         """Forget the model loaded for a runner (at the end of its group, or when it is reloaded)."""
