@@ -46,7 +46,7 @@ class TorchGpuBackend:
             raise PortableError(f"--device {config.device} is not a GPU device for backend {self.name}")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise PortableError(f"--device {config.device}: only {torch.cuda.device_count()} GPU(s) visible")
-        return device
+        return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
 
     def load(self, config, source):
         why = self.attention_available(config.attn)
