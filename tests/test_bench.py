@@ -184,6 +184,8 @@ def test_sinks_take_their_columns_from_the_result_dataclass():
     assert not any("noisy" in n for n in sinks.notes(rows))
     rows[1].tps_stdev = 5.0  # 25% of 20 t/s
     assert any("noisy" in n and "pp8 b2 (25%)" in n for n in sinks.notes(rows))
+    rows[0].model = "other"  # several models: the noisy row names its model
+    assert any("noisy" in n and " m pp8 b2 (25%)" in n for n in sinks.notes(rows))
 
 
 def test_parity_is_meaningless_on_random_weight_presets():

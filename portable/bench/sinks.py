@@ -165,7 +165,8 @@ def notes(results: list[Result]) -> list[str]:
     if any((r.sync_every or 1) > 1 and r.step_p50_ms is not None for r in results):
         out.append("with sync N > 1 the N steps between two read-backs share their time equally (P50/P95 of those)")
     out += [f"parity: {p}" for p in dict.fromkeys(r.parity for r in results if r.parity)]
-    noisy = [f"{r.engine} {r.config or r.test} b{r.batch} ({100 * r.tps_stdev / r.tps_mean:.0f}%)" for r in results
+    models = len({r.model for r in results}) > 1
+    noisy = [f"{r.engine} {r.model + ' ' if models else ''}{r.config or r.test} b{r.batch} ({100 * r.tps_stdev / r.tps_mean:.0f}%)" for r in results
              if r.ok and r.tps_mean and r.tps_stdev is not None and r.tps_stdev > NOISY * r.tps_mean]
     if noisy:
         out.append(f"noisy (stdev over {100 * NOISY:.0f}% of the mean): {', '.join(noisy)}; the device may be shared "
