@@ -8,7 +8,7 @@ fingerprint), decode (timed), then the parity comparison (untimed).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -144,27 +144,64 @@ def reference_decode(cache_cpu: PromptCache, source: models.ModelSource, config:
                                  runner.info.identity.get("fingerprint"))
 
 
-def _calibration(cache_cpu: PromptCache, source, config: RunConfig, reference: parity.Reference):
+def _calibrate(cache_cpu: PromptCache, source, config: RunConfig, reference: parity.Reference) -> torch.Tensor:
     """Teacher-forced logits of the pristine model on CPU at the candidate's precision (parity's tolerance)."""
-    def run() -> torch.Tensor:
-        precision = config.precision if config.precision in ("fp16", "bf16") else "fp32"
-        runner = backends.resolve("cpu").load(config.replace(backend="cpu", precision=precision, attn="sdpa"),
-                                              source)
-        if config.precision == "int8":
-            torch.ao.quantization.quantize_dynamic(runner.model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
-        cache = cache_cpu.to("cpu", runner.dtype)
-        out = run_decode(runner, cache, Sampler(config.sampling, cache.batch), config.max_new_tokens,
-                         make_stopper(runner, config), forced=reference.tokens, collect_logits=True)
-        return out.logits
-    return run
+    precision = config.precision if config.precision in ("fp16", "bf16") else "fp32"
+    runner = backends.resolve("cpu").load(config.replace(backend="cpu", precision=precision, attn="sdpa"), source)
+    if config.precision == "int8":
+        torch.ao.quantization.quantize_dynamic(runner.model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    cache = cache_cpu.to("cpu", runner.dtype)
+    out = run_decode(runner, cache, Sampler(config.sampling, cache.batch), config.max_new_tokens,
+                     make_stopper(runner, config), forced=reference.tokens, collect_logits=True)
+    return out.logits
+
+
+@dataclass
+class Baseline:
+    """The CPU side of parity for one cache file, shared by every candidate decoded from it: the FP32 reference, and
+    per candidate precision the pristine model's teacher-forced logits (the tolerance), each computed at most once.
+
+    `config` holds what the candidates share with the reference: sampling, max_new_tokens, stop conditions.
+    """
+
+    cache_cpu: PromptCache
+    source: models.ModelSource
+    config: RunConfig
+    reference: parity.Reference
+    _calibrated: dict = field(default_factory=dict, repr=False)
+
+    def calibration(self, precision: str) -> Callable[[], torch.Tensor]:
+        """A function returning the calibration logits for `precision`; parity calls it only when it needs them."""
+        def get() -> torch.Tensor:
+            if precision not in self._calibrated:
+                self._calibrated[precision] = _calibrate(self.cache_cpu, self.source,
+                                                         self.config.replace(precision=precision), self.reference)
+            return self._calibrated[precision]
+        return get
+
+
+def make_baseline(cache_cpu: PromptCache, source: models.ModelSource, config: RunConfig) -> Baseline:
+    """The reference from `config.reference_path` when given, else CPU FP32 decoding here."""
+    checksum = cache_cpu.file_info.get("payload_crc32")
+    if config.reference_path is not None:
+        reference = parity.Reference.load(config.reference_path)
+        reference.check_matches(checksum, config.sampling, config.max_new_tokens)
+        reference = _trim(reference, config.max_new_tokens)
+    else:
+        reference = reference_decode(cache_cpu, source, config, checksum)
+    return Baseline(cache_cpu, source, config, reference)
 
 
 def decode(config: RunConfig, on_tokens: Callable[[int, list[int | None]], None] | None = None,
-           on_ready: Callable[[object], None] | None = None) -> DecodeReport:
+           on_ready: Callable[[object], None] | None = None, runner=None,
+           baseline: Baseline | None = None) -> DecodeReport:
+    """Decode `config.cache_path` on `config.backend`. `runner`: one already loaded for this backend and precision;
+    `baseline`: the CPU side of parity for this cache file, already computed (`portable parity` passes both to
+    reuse them across its matrix)."""
     meta = read_metadata(config.cache_path)
     source = models.resolve(config.model or meta["model"].get("source"))
-    backend = backends.require(config.backend, config.precision)
-    runner = backend.load(config, source)
+    if runner is None:
+        runner = backends.require(config.backend, config.precision).load(config, source)
     if on_ready is not None:
         on_ready(runner)
 
@@ -189,7 +226,7 @@ def decode(config: RunConfig, on_tokens: Callable[[int, list[int | None]], None]
     decode_phase = decode_metrics(result.step_times_s, cache.batch, result.step_tokens)
 
     parity_start = time.perf_counter()
-    verdict = _parity(config, source, runner, cache, cache_cpu, result, stopper)
+    verdict = _parity(config, source, runner, cache, cache_cpu, result, stopper, baseline)
     parity_s = time.perf_counter() - parity_start if verdict.verdict != "skipped" else None
 
     prefill_timing = cache_cpu.prefill.get("timing")
@@ -211,24 +248,24 @@ def decode(config: RunConfig, on_tokens: Callable[[int, list[int | None]], None]
         environment=environment())
 
 
-def _parity(config: RunConfig, source, runner, cache, cache_cpu: PromptCache, result, stopper) -> parity.ParityResult:
+def _parity(config: RunConfig, source, runner, cache, cache_cpu: PromptCache, result, stopper,
+            baseline: Baseline | None) -> parity.ParityResult:
     if not config.parity:
         return parity.skipped("disabled with --no-parity")
     if source.kind == "preset":
         return parity.skipped("random weights (preset model): parity is meaningless")
-    checksum = cache_cpu.file_info.get("payload_crc32")
-    if config.reference_path is not None:
-        reference = parity.Reference.load(config.reference_path)
-        reference.check_matches(checksum, config.sampling, config.max_new_tokens)
-        reference = _trim(reference, config.max_new_tokens)
+    if baseline is None:
+        baseline = make_baseline(cache_cpu, source, config)
     else:
-        reference = reference_decode(cache_cpu, source, config, checksum)
+        baseline.reference.check_matches(cache_cpu.file_info.get("payload_crc32"), config.sampling,
+                                         config.max_new_tokens)
+    reference = baseline.reference
     teacher = run_decode(runner, cache, Sampler(config.sampling, cache.batch), config.max_new_tokens, stopper,
                          forced=reference.tokens, collect_logits=True)
     histories = [cache_cpu.prompt_tokens(b) for b in range(cache_cpu.batch)]
     decode_text = (lambda ids: runner.tokenizer.decode(ids)) if runner.tokenizer is not None else None
     return parity.compare(reference, result, teacher, config.precision, histories,
-                          calibrate=_calibration(cache_cpu, source, config, reference), decode_text=decode_text)
+                          calibrate=baseline.calibration(config.precision), decode_text=decode_text)
 
 
 def _trim(reference: parity.Reference, max_new_tokens: int) -> parity.Reference:
