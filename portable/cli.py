@@ -15,8 +15,10 @@ import typer
 
 from portable.cli_options import (ArtifactDir, Attn, Backend, CachePath, Debug, Device, IgnoreEos, JsonOut,
                                   Kernels, MaxNew, Model, OrtProvider, Precision, Quiet, Rebuild, RepPenalty, Seed,
-                                  Stop, Temperature, TopK, TopP, check_choice, command, read_prompts)
-from portable.config import ATTENTION, CACHE_STORAGE, DEFAULT_CACHE, KERNELS, RunConfig, SamplingConfig
+                                  Stop, Temperature, TopK, TopP, check_choice, command, read_prompts,
+                                  split_list)
+from portable.config import (ALL_PRECISIONS, ATTENTION, CACHE_STORAGE, DEFAULT_CACHE, KERNELS, PRECISIONS, RunConfig,
+                             SamplingConfig)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Prefill once, decode anywhere: KV-cache files, parity verdicts, honest benchmarks.")
@@ -208,6 +210,82 @@ def reference(
     ref.save(out)
     typer.echo(f"Saved CPU FP32 reference to {out} ({cache_cpu.batch} sequences, "
                f"{sum(len(t) for t in ref.tokens)} tokens, {megabytes(out.stat().st_size)})")
+
+
+@app.command("parity")
+@command
+def parity_matrix(
+    backend: Annotated[Optional[list[str]], typer.Option(
+        "--backend", "-b", help="Backends, comma-separated or repeated, e.g. cpu,onnxruntime (default cpu).")] = None,
+    precision: Annotated[Optional[list[str]], typer.Option(
+        "--precision", "-p", help=f"Precisions, comma-separated or repeated (default {','.join(PRECISIONS)}).")] = None,
+    cache: Annotated[Optional[list[str]], typer.Option(
+        "--cache", "-c", help=f"Cache files, comma-separated or repeated (default {DEFAULT_CACHE}).")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option(
+        "--prompt", help="Prompts instead of cache files (repeatable): each is prefilled on CPU FP32 into a "
+                         "temporary cache file.")] = None,
+    model: Model = None,
+    attn: Attn = "sdpa",
+    kernels: Kernels = "triton",
+    max_new_tokens: MaxNew = 64,
+    stop: Stop = None,
+    ignore_eos: IgnoreEos = False,
+    temperature: Temperature = 0.0,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    repetition_penalty: RepPenalty = 1.0,
+    seed: Seed = 0,
+    device: Device = None,
+    ort_provider: OrtProvider = None,
+    artifact_dir: ArtifactDir = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the plots (one PNG per row).")] = Path(
+        "parity-plots"),
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write the plots.")] = True,
+    json_path: JsonOut = None,
+    debug: Debug = False,
+):
+    """Check backends x precisions against CPU FP32 on cache files or prompts: one row and one plot per combination.
+
+    The CPU FP32 reference is decoded once per cache file and shared by every combination. A combination that cannot
+    run here (an absent backend, a precision the backend lacks) is a row that says why, and the others still run.
+
+    Exit status (a CI gate): 0 when no row is `diverged`; 1 when any row is `diverged` or hit an unexpected `error`
+    (likely bugs); 2 on bad input or when no combination could be checked at all. Rows that could not run here
+    (`not run`, with the reason) do not fail the run on their own: read the table.
+    """
+    from contextlib import nullcontext
+
+    import backends
+    from portable import parity_matrix as matrix
+    from portable.errors import PortableError
+    from portable.report import write_json
+
+    names = split_list(backend or ["cpu"], backends.names(), "backend")
+    precisions = split_list(precision or list(PRECISIONS), ALL_PRECISIONS, "precision")
+    if cache and prompt:
+        raise PortableError("give cache files (--cache) or prompts (--prompt), not both")
+    paths = [Path(c) for c in split_list(cache)] if cache else [DEFAULT_CACHE]
+    config = RunConfig(model=model, attn=check_choice(attn, ATTENTION, "attention"),
+                       kernels=check_choice(kernels, KERNELS, "kernels"), max_new_tokens=max_new_tokens,
+                       stop=tuple(stop or ()), ignore_eos=ignore_eos,
+                       sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
+                                               repetition_penalty=repetition_penalty, seed=seed),
+                       device=device, ort_provider=ort_provider, artifact_dir=artifact_dir, quiet=True)
+    prompts = read_prompts(prompt) if prompt else ()
+    with matrix.prefilled(config, prompts) if prompts else nullcontext(matrix.cache_labels(paths)) as caches:
+        report = matrix.run(config, names, precisions, caches, plot_dir=out if plots else None, debug=debug)
+    if prompts:
+        report.caches = dict(zip(caches, prompts))
+    typer.echo(matrix.markdown(report.rows), nl=False)
+    for line in matrix.notes(report):
+        typer.echo(line)
+    if json_path:
+        write_json(report, json_path)
+    counts = report.counts()
+    if not any(counts.get(v) for v in ("exact", "within-precision", "diverged")):
+        raise PortableError("no combination could be checked here (see the table)")
+    if counts.get("diverged") or counts.get(matrix.ERROR):
+        raise typer.Exit(1)
 
 
 @cache_app.command("inspect")

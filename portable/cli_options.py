@@ -85,3 +85,13 @@ def read_prompts(prompts: list[str] | None) -> tuple[str, ...]:
     for p in prompts:
         out.append(sys.stdin.read() if p == "-" else p.replace("\\n", "\n").replace("\\t", "\t"))
     return tuple(out)
+
+
+def split_list(values: list[str] | None, choices=None, what: str = "") -> list[str]:
+    """Comma-separated and/or repeated option values (checked against `choices` when given), duplicates dropped,
+    order kept."""
+    items = [v.strip() for value in values or () for v in str(value).split(",") if v.strip()]
+    if choices is not None:
+        for item in items:
+            check_choice(item, choices, what)
+    return list(dict.fromkeys(items))

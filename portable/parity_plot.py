@@ -1,0 +1,60 @@
+"""One PNG per parity check: where the candidate's distributions drift, and whether that drift could flip a token.
+
+Top panel: KL(reference || candidate) per teacher-forced step (log scale). Bottom panel: the reference's decision
+margin per step (greedy: top-1 minus top-2 logit; sampled: distance of the seeded draw from the edge of the picked
+token's CDF slice), with every teacher-forced top-1 mismatch marked, the tolerance (when one was derived) as a
+horizontal line, and each sequence's first free-running divergence as a vertical line. A mismatch above the
+tolerance line is what makes a verdict `diverged`.
+
+Matplotlib's object API with the Agg canvas: no pyplot state, no display needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from portable.parity import ParityResult
+
+KL_FLOOR = 1e-12  # log scale: KL 0 (exact agreement) is drawn at a tenth of the smallest positive KL, or here
+
+
+def plot(result: ParityResult, title: str, path: Path, sampled: bool = False) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_kl, ax_margin = fig.subplots(2, 1, sharex=True)
+    several = len(result.per_step) > 1
+    positive = [v for seq in result.per_step for v in seq["kl"] if v > 0]
+    floor = min(positive) / 10 if positive else KL_FLOOR
+    for b, seq in enumerate(result.per_step):
+        steps = list(range(len(seq["kl"])))
+        label = f"sequence {b}" if several else None
+        line, = ax_kl.plot(steps, [max(v, floor) for v in seq["kl"]], marker=".", label=label)
+        ax_margin.plot(steps, seq["margin"], marker=".", color=line.get_color(), label=label)
+        first = (result.first_divergence or [None] * (b + 1))[b]
+        if first is not None:
+            for ax in (ax_kl, ax_margin):
+                ax.axvline(first, color=line.get_color(), linestyle="--", linewidth=1,
+                           label=f"first divergence{f' (sequence {b})' if several else ''}" if ax is ax_margin
+                           else None)
+    if result.mismatches:
+        ax_margin.scatter([m.step for m in result.mismatches], [m.reference_margin for m in result.mismatches],
+                          marker="x", s=60, color="red", zorder=3, label="teacher-forced top-1 mismatch")
+    if result.tolerance is not None:
+        ax_margin.axhline(result.tolerance, color="gray", linestyle=":", label=f"tolerance {result.tolerance:.3g}")
+    ax_kl.set_yscale("log")
+    ax_kl.set_ylabel("KL(ref || cand)")
+    ax_margin.set_ylabel("reference margin\n" + ("(draw to CDF edge)" if sampled else "(top-1 - top-2 logit)"))
+    ax_margin.set_xlabel("decode step")
+    for ax in (ax_kl, ax_margin):
+        ax.grid(alpha=0.3)
+    if ax_margin.get_legend_handles_labels()[0]:
+        ax_margin.legend(fontsize="small")
+    fig.suptitle(f"{title}: {result.verdict} ({result.matched_tokens}/{result.compared_tokens} tokens, top-1 "
+                 f"{result.top1_agreement:.1f}%)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    return path

@@ -1,0 +1,236 @@
+"""Parity verdicts and the `portable parity` matrix on the embedded model (CPU, few tokens).
+
+fp32 with eager attention is exact against the sdpa-made reference; bf16 is exact or within-precision on every test
+prompt; a candidate with one layer's weights zeroed (a backend bug, registered as a backend of its own) is diverged
+at fp32 and at bf16; a seeded sampled run gives the same tokens on cpu and onnxruntime and an exact verdict; the
+matrix prints one row per combination, writes a plot per row that ran, decodes the reference once per cache file,
+turns an impossible combination into a row with the reason, and fails in one line on bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import backends
+from backends.cpu import CpuBackend
+from portable import pipeline
+from portable.cli import app
+from portable.config import DEFAULT_PROMPT, RunConfig, SamplingConfig
+from tests.models import PROMPTS
+
+NEW = 16
+TEST_PROMPTS = (*PROMPTS, DEFAULT_PROMPT)
+cli = CliRunner()
+
+
+def invoke(*args):
+    return cli.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory) -> list[Path]:
+    """One CPU FP32 cache file per test prompt, and a last one holding the two PROMPTS as a batch."""
+    root = tmp_path_factory.mktemp("parity")
+    paths = []
+    for i, prompts in enumerate([(p,) for p in TEST_PROMPTS] + [PROMPTS]):
+        paths.append(root / f"c{i}.safetensors")
+        pipeline.prefill(RunConfig(prompts=prompts, cache_path=paths[-1], quiet=True))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Path:
+    """The embedded model's fp32 ONNX export, in a folder of this module's own (not the user cache)."""
+    folder = tmp_path_factory.mktemp("parity-artifacts")
+    result = invoke("export", "--artifact-dir", folder, "-q")
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+class BrokenBackend(CpuBackend):
+    """The CPU backend with one bug: layer 2's attention output projection is zeroed in the candidate only (the
+    reference and the tolerance's calibration load the pristine model through the real CPU backend)."""
+
+    name = "broken"
+
+    def load(self, config, source):
+        runner = super().load(config, source)
+        with torch.no_grad():
+            runner.model.model.layers[2].self_attn.o_proj.weight.zero_()
+        return runner
+
+
+class CrashingBackend(CpuBackend):
+    """A backend with a bug that raises (not a user error): its rows say so and fail the matrix."""
+
+    name = "crashing"
+
+    def load(self, config, source):
+        raise RuntimeError("kernel exploded")
+
+
+@pytest.fixture
+def broken(monkeypatch):
+    monkeypatch.setitem(backends.BACKENDS, "broken", f"{__name__}:BrokenBackend")
+    monkeypatch.setitem(backends.BACKENDS, "crashing", f"{__name__}:CrashingBackend")
+    return "broken"
+
+
+def decode(cache: Path, **changes):
+    return pipeline.decode(RunConfig(cache_path=cache, max_new_tokens=NEW, ignore_eos=True, quiet=True, **changes))
+
+
+def test_fp32_eager_attention_is_exact_against_the_sdpa_reference(caches, monkeypatch):
+    loaded = []
+    real_load = CpuBackend.load
+
+    def spy(self, config, source):
+        loaded.append(config.attn)
+        return real_load(self, config, source)
+
+    monkeypatch.setattr(CpuBackend, "load", spy)
+    report = decode(caches[0], attn="eager")
+    assert loaded == ["eager", "sdpa"]  # the candidate, then the reference
+    assert report.backend_details["attn"] == "eager"
+    p = report.parity
+    assert p.verdict == "exact", p.line()
+    assert p.matched_tokens == p.compared_tokens == NEW and p.top1_agreement == 100.0
+
+
+def test_a_broken_candidate_is_diverged_at_fp32(caches, broken):
+    p = decode(caches[0], backend=broken).parity
+    assert p.verdict == "diverged" and "fp32 must be token-exact" in p.reason, p.line()
+    assert p.first_divergence[0] is not None and p.top1_agreement < 100
+
+
+def test_a_broken_candidate_is_diverged_at_bf16_beyond_the_pristine_tolerance(caches, broken):
+    p = decode(caches[0], backend=broken, precision="bf16").parity
+    assert p.verdict == "diverged" and "reference was confident" in p.reason, p.line()
+    # the tolerance comes from the pristine model at bf16: a near-tie scale, far below the broken candidate's errors
+    assert p.tolerance is not None and 0 < p.tolerance < p.max_abs_logit_diff
+    assert max(m.reference_margin for m in p.mismatches) >= p.tolerance
+
+
+def test_seeded_sampling_gives_the_same_tokens_on_cpu_and_onnxruntime(caches, artifacts):
+    batch = caches[-1]
+    sampling = SamplingConfig(temperature=0.9, top_k=50, top_p=0.95, repetition_penalty=1.1, seed=11)
+    cpu = decode(batch, sampling=sampling, parity=False)
+    ort = decode(batch, sampling=sampling, backend="onnxruntime", artifact_dir=artifacts)
+    assert ort.backend == "onnxruntime" and ort.batch == 2
+    assert ort.tokens == cpu.tokens and all(len(t) == NEW for t in cpu.tokens)
+    assert ort.parity.verdict == "exact", ort.parity.line()
+    assert ort.parity.matched_tokens == ort.parity.compared_tokens == 2 * NEW
+    # it really sampled: greedy and another seed give other tokens
+    assert decode(batch, parity=False).tokens != cpu.tokens
+    other = SamplingConfig(**{**sampling.__dict__, "seed": 12})
+    assert decode(batch, sampling=other, parity=False).tokens != cpu.tokens
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", path
+    assert len(data) > 10_000, (path, len(data))  # axes, lines and text, not an empty canvas
+    return struct.unpack(">II", data[16:24])
+
+
+def test_matrix_rows_plots_and_an_impossible_combination(caches, artifacts, tmp_path, monkeypatch):
+    references = []
+    real = pipeline.reference_decode
+
+    def counting(*args, **kwargs):
+        references.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "reference_decode", counting)
+    plots, report = tmp_path / "plots", tmp_path / "m.json"
+    result = invoke("parity", "--cache", f"{caches[0]},{caches[1]}", "-b", "cpu,onnxruntime", "-p", "fp32,bf16,fp16",
+                    "-n", 8, "--ignore-eos", "--artifact-dir", artifacts, "--out", plots, "--json", report)
+    assert result.exit_code == 0, result.output
+    assert len(references) == 2  # once per cache file, shared by the six combinations
+    lines = result.stdout.splitlines()
+    table = [line for line in lines if line.startswith("| ") and not line.startswith("| backend")]
+    assert len(table) == 12, result.stdout
+    rows = json.loads(report.read_text())["rows"]
+    assert [(r["backend"], r["precision"], r["cache"]) for r in rows] == [
+        (b, p, c) for b in ("cpu", "onnxruntime") for p in ("fp32", "bf16", "fp16") for c in ("c0.safetensors",
+                                                                                           "c1.safetensors")]
+    for r, line in zip(rows, table):
+        assert f"| {r['backend']} | {r['precision']} | {r['cache']} | {r['verdict']} |" in line
+        if (r["backend"], r["precision"]) == ("onnxruntime", "bf16"):
+            assert r["verdict"] == "not run" and "bf16" in r["reason"] and "CPU provider" in r["reason"]
+            assert r["plot"] is None and r["reason"] in line
+            continue
+        expected = ("exact",) if r["precision"] == "fp32" else ("exact", "within-precision")
+        assert r["verdict"] in expected, r
+        assert r["matched"] == "8/8" or r["verdict"] != "exact"
+        assert len(r["parity"]["per_step"][0]["kl"]) == 8
+        width, height = png_size(r["plot"])
+        assert Path(r["plot"]).parent == plots and width > 300 and height > 200
+    assert len(list(plots.glob("*.png"))) == 10
+    assert "2 not run" in result.stdout and "Plots: 10 PNG files" in result.stdout
+
+
+def test_matrix_over_prompts_bf16_is_exact_or_within_precision_on_every_test_prompt(tmp_path):
+    args = [x for p in TEST_PROMPTS for x in ("--prompt", p)]
+    result = invoke("parity", *args, "-p", "bf16", "-n", NEW, "--ignore-eos", "--no-plots", "--json",
+                    tmp_path / "m.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "m.json").read_text())
+    rows = report["rows"]
+    assert [r["cache"] for r in rows] == [f"prompt {i}" for i in (1, 2, 3)]
+    assert list(report["caches"].values()) == list(TEST_PROMPTS)
+    for r in rows:
+        assert r["verdict"] in ("exact", "within-precision"), r
+        assert r["parity"]["compared_tokens"] == NEW and r["plot"] is None
+        assert r["kl_mean"] > 0  # bf16 really ran: its distributions differ from fp32's
+    assert "prompt 1: 'import os" in result.stdout
+    assert not (tmp_path / "parity-plots").exists()
+
+
+def test_matrix_exits_1_when_a_row_diverges(caches, broken, tmp_path):
+    result = invoke("parity", "--cache", caches[0], "-b", f"cpu,{broken}", "-p", "fp32", "-n", NEW, "--ignore-eos",
+                    "--no-plots")
+    assert result.exit_code == 1, result.output
+    assert "| cpu | fp32 | c0.safetensors | exact |" in result.stdout
+    assert f"| {broken} | fp32 | c0.safetensors | diverged |" in result.stdout
+    assert "1 exact, 1 diverged" in result.stdout
+
+
+def test_matrix_exits_1_when_a_row_hits_an_unexpected_error(caches, broken):
+    result = invoke("parity", "--cache", caches[0], "-b", "crashing,cpu", "-p", "fp32", "-n", 4, "--no-plots")
+    assert result.exit_code == 1, result.output
+    assert "| crashing | fp32 | c0.safetensors | error |" in result.stdout
+    assert "unexpected RuntimeError: kernel exploded" in result.stdout
+    assert "| cpu | fp32 | c0.safetensors | exact |" in result.stdout  # the matrix went on
+
+
+def one_line_error(result, code=2) -> str:
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_matrix_bad_input_is_a_one_line_error(caches, tmp_path):
+    line = one_line_error(invoke("parity", "--cache", caches[0], "-b", "cpu,tpu"))
+    assert "unknown backend 'tpu'" in line and "onnxruntime" in line
+    line = one_line_error(invoke("parity", "--cache", caches[0], "-p", "fp32,fp8"))
+    assert "unknown precision 'fp8'" in line and "bf16" in line
+    line = one_line_error(invoke("parity", "--cache", caches[0], "--prompt", "x"))
+    assert "not both" in line
+    line = one_line_error(invoke("parity", "--cache", tmp_path / "none.safetensors"))
+    assert "does not exist" in line
+
+
+def test_matrix_where_nothing_can_run_still_prints_why(caches):
+    result = invoke("parity", "--cache", caches[0], "-p", "int8", "-n", 2, "--no-plots")
+    line = one_line_error(result)
+    assert "no combination could be checked" in line
+    assert "| cpu | int8 | c0.safetensors | not run |" in result.stdout and "does not run precision" in result.stdout
