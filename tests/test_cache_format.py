@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import struct
+import zlib
 
 import pytest
 import safetensors
@@ -112,6 +113,35 @@ def test_right_padded_file_is_converted_to_left_padding(tmp_path):
     store.fileformat.write(tmp_path / "s2.safetensors", tensors, {"portable": json.dumps(meta)})
     with pytest.raises(CacheFileError, match="right padded"):
         load_cache(tmp_path / "s2.safetensors")
+
+
+def test_the_checksum_is_zlibs_crc32_whichever_implementation_computes_it():
+    data = random.Random(1).randbytes(100_003)
+    assert store.fileformat._crc32(data) == zlib.crc32(data)
+    assert store.fileformat._crc32(data[500:], zlib.crc32(data[:500])) == zlib.crc32(data)
+
+
+def test_large_payload_is_checksummed_in_chunks(tmp_path):
+    """A payload of several read chunks, with a tensor boundary inside one: the combined CRC equals zlib's one-pass
+    CRC of the payload, safetensors reads the file, and a flipped byte deep inside is caught."""
+    ff = store.fileformat
+    tensors = {"a": torch.randn(2 * ff._CHUNK // 4 + 12345), "b": torch.arange(ff._CHUNK, dtype=torch.int16)}
+    assert sum(t.numel() * t.element_size() for t in tensors.values()) > 3 * ff._CHUNK
+    path = tmp_path / "big.safetensors"
+    size = ff.write(path, tensors, {"note": "x", ff.CHECKSUM_KEY: "stale"})
+    data = path.read_bytes()
+    assert size == len(data)
+    _, start, _ = ff.read_header(path)
+    got, meta = ff.read(path)
+    assert meta[ff.CHECKSUM_KEY] == f"{zlib.crc32(data[start:]):08x}" and meta["note"] == "x"
+    assert all(torch.equal(got[k], t) for k, t in tensors.items())
+    with safetensors.safe_open(path, "pt") as f:
+        assert torch.equal(f.get_tensor("b"), tensors["b"])
+    flipped = bytearray(data)
+    flipped[start + 3 * ff._CHUNK + 5] ^= 0x10
+    path.write_bytes(flipped)
+    with pytest.raises(CacheFileError, match="checksum"):
+        ff.read(path)
 
 
 # ---- bad files: each one a CacheFileError with a specific message ----
