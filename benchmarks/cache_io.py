@@ -70,6 +70,7 @@ from portable.sampling import Sampler  # noqa: E402
 MiB = 2**20
 AIM_DISK = 0.70  # issue 3: save and load at >= 70% of the disk's own speed
 AIM_RESUME = 10.0  # issue 3: load + first step >= 10x cheaper than prefilling again
+NOISY = 2.0  # a row whose slowest repetition took over twice its median is flagged
 
 
 # ---------------------------------------------------------------- page cache
@@ -289,7 +290,9 @@ def rate_row(name: str, nbytes: int, seconds: list[float], region: str, disk: li
     """One throughput row; with `disk`, the median rate as a share of the disk's median rate on the same bytes."""
     rates = [nbytes / MiB / s for s in seconds]
     share = f"{med(disk) / med(seconds):.0%} of {disk_name}" if disk else ""
-    return [name, f"{nbytes / MiB / med(seconds):.0f}", spread(rates), f"{med(seconds) * 1e3:.0f}", share, region]
+    noisy = " (noisy)" if max(seconds) > NOISY * med(seconds) else ""
+    return [name, f"{nbytes / MiB / med(seconds):.0f}", spread(rates) + noisy, f"{med(seconds) * 1e3:.0f}", share,
+            region]
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -473,7 +476,10 @@ def run(args: argparse.Namespace, folder: Path) -> tuple[str, dict]:
         f"Aim: >= {AIM_DISK:.0%} of the disk. Save: {save_share:.0%} of disk write "
         f"({'met' if save_share >= AIM_DISK else 'NOT met'}); cold load: {load_share:.0%} of disk cold read "
         f"({'met' if load_share >= AIM_DISK else 'NOT met'}). A warm load is bound by filling fresh memory (one page "
-        f"fault per 4 KiB), which the disk's warm read, into one reused buffer, does not pay.",
+        f"fault per 4 KiB), which the disk's warm read, into one reused buffer, does not pay."
+        + (" Rows marked noisy had a repetition over twice as slow as their median (on a virtual disk, cold reads "
+           "that the host's own cache does not serve are); more repetitions (-r) steady the medians."
+           if any("noisy" in row[2] for row in throughput_rows) else ""),
         "",
         f"### Resume vs prefill: a {tokens}-token prompt, batch 1 ({saved['bytes'] / MiB:.1f} MiB cache file), "
         f"{args.reps} repetitions",
