@@ -17,8 +17,8 @@ repetitions, with min..max beside it.
    compilation `portable decode` reports separately and keeps as an artifact); the same again with the file in the
    page cache, for reference. Model load is timed on neither side.
 3. Disk and cache throughput on one cache of at least `--cache-mb`: the prefilled cache's row repeated along the
-   batch (real layer classes, real metadata, the real `save_cache` / `load_cache`). Interleaved in each repetition,
-   after one untimed round:
+   batch (real layer classes, real metadata, the real `save_cache` / `load_cache`). In each repetition, after one
+   untimed round, the disk's group and the cache's group, each first in every other repetition:
    - disk write: a new file of the cache file's size in `--block-mb` blocks, then fsync (what `dd bs=16M
      conv=fsync` measures);
    - disk read, cold (dropped from the page cache) and warm, into one reused block buffer;
@@ -387,35 +387,32 @@ def run(args: argparse.Namespace, folder: Path) -> tuple[str, dict]:
     disk_file = folder / "disk.bin"
     block = args.block_mb * MiB
     save_s, cold_s, warm_s, noverify_s, dwrite_s, dcold_s, dwarm_s = [], [], [], [], [], [], []
-    nbytes = None
-    data = None
     read_buffer = memoryview(bytearray(block))
-    for rep in range(-1, args.reps):  # rep -1: an untimed warm-up of every operation
+    nbytes = save_cache(big, big_file)["bytes"]  # the disk test writes exactly as many bytes
+    data = memoryview(torch.randint(0, 256, (nbytes,), dtype=torch.uint8).numpy())  # random, like a cache's payload
+
+    def cache_ops() -> None:
         start = time.perf_counter()
-        nbytes = save_cache(big, big_file)["bytes"]
+        save_cache(big, big_file)
         save_s.append(time.perf_counter() - start)
-        if data is None:  # the disk test writes exactly as many bytes, random like a cache's payload
-            data = memoryview(torch.randint(0, 256, (nbytes,), dtype=torch.uint8).numpy())
         pages.drop(big_file)
-        start = time.perf_counter()
-        loaded = load_cache(big_file)
-        cold_s.append(time.perf_counter() - start)
-        del loaded
-        start = time.perf_counter()
-        loaded = load_cache(big_file)
-        warm_s.append(time.perf_counter() - start)
-        del loaded
-        start = time.perf_counter()
-        loaded = load_cache(big_file, verify=False)
-        noverify_s.append(time.perf_counter() - start)
-        del loaded
+        for samples, verify in ((cold_s, True), (warm_s, True), (noverify_s, False)):
+            start = time.perf_counter()
+            loaded = load_cache(big_file, verify=verify)
+            samples.append(time.perf_counter() - start)
+            del loaded
         big_file.unlink()
 
+    def disk_ops() -> None:
         dwrite_s.append(disk_write(disk_file, data, block))
         pages.drop(disk_file)
         dcold_s.append(disk_read(disk_file, read_buffer))
         dwarm_s.append(disk_read(disk_file, read_buffer))
         disk_file.unlink()
+
+    for rep in range(-1, args.reps):  # rep -1: an untimed warm-up of every operation
+        for ops in ((cache_ops, disk_ops) if rep % 2 else (disk_ops, cache_ops)):  # neither always goes first
+            ops()
         if rep < 0:
             for samples in (save_s, cold_s, warm_s, noverify_s, dwrite_s, dcold_s, dwarm_s):
                 samples.clear()
