@@ -18,7 +18,7 @@ repetitions, with min..max beside it.
    page cache, for reference. Model load is timed on neither side.
 3. Disk and cache throughput on one cache of at least `--cache-mb`: the prefilled cache's row repeated along the
    batch (real layer classes, real metadata, the real `save_cache` / `load_cache`). In each repetition, after one
-   untimed round, the disk's group and the cache's group, each first in every other repetition:
+   untimed round, the disk's and the cache's operation of each kind back to back, each first in every other one:
    - disk write: a new file of the cache file's size in `--block-mb` blocks, then fsync (what `dd bs=16M
      conv=fsync` measures);
    - disk read, cold (dropped from the page cache) and warm, into one reused block buffer;
@@ -391,28 +391,30 @@ def run(args: argparse.Namespace, folder: Path) -> tuple[str, dict]:
     nbytes = save_cache(big, big_file)["bytes"]  # the disk test writes exactly as many bytes
     data = memoryview(torch.randint(0, 256, (nbytes,), dtype=torch.uint8).numpy())  # random, like a cache's payload
 
-    def cache_ops() -> None:
+    def timed(samples: list[float], fn) -> None:
         start = time.perf_counter()
-        save_cache(big, big_file)
-        save_s.append(time.perf_counter() - start)
-        pages.drop(big_file)
-        for samples, verify in ((cold_s, True), (warm_s, True), (noverify_s, False)):
-            start = time.perf_counter()
-            loaded = load_cache(big_file, verify=verify)
-            samples.append(time.perf_counter() - start)
-            del loaded
-        big_file.unlink()
-
-    def disk_ops() -> None:
-        dwrite_s.append(disk_write(disk_file, data, block))
-        pages.drop(disk_file)
-        dcold_s.append(disk_read(disk_file, read_buffer))
-        dwarm_s.append(disk_read(disk_file, read_buffer))
-        disk_file.unlink()
+        fn()
+        samples.append(time.perf_counter() - start)
 
     for rep in range(-1, args.reps):  # rep -1: an untimed warm-up of every operation
-        for ops in ((cache_ops, disk_ops) if rep % 2 else (disk_ops, cache_ops)):  # neither always goes first
-            ops()
+        # The disk's and the cache's operation of each kind run back to back, each first in every other repetition:
+        # on a virtual machine the cost of fresh page-cache pages depends on what ran just before.
+        pairs = [
+            (lambda: dwrite_s.append(disk_write(disk_file, data, block)),
+             lambda: timed(save_s, lambda: save_cache(big, big_file))),
+            (lambda: (pages.drop(disk_file), pages.drop(big_file)), None),
+            (lambda: dcold_s.append(disk_read(disk_file, read_buffer)),
+             lambda: timed(cold_s, lambda: load_cache(big_file))),
+            (lambda: dwarm_s.append(disk_read(disk_file, read_buffer)),
+             lambda: timed(warm_s, lambda: load_cache(big_file))),
+            (None, lambda: timed(noverify_s, lambda: load_cache(big_file, verify=False))),
+        ]
+        for disk_op, cache_op in pairs:
+            for op in ((disk_op, cache_op) if rep % 2 else (cache_op, disk_op)):
+                if op is not None:
+                    op()
+        disk_file.unlink()
+        big_file.unlink()
         if rep < 0:
             for samples in (save_s, cold_s, warm_s, noverify_s, dwrite_s, dcold_s, dwarm_s):
                 samples.clear()
