@@ -35,7 +35,7 @@ from caches import load_cache, save_cache
 from portable import models
 from portable.bench import device as dev
 from portable.bench import roofline
-from portable.bench.plan import LoadKey, RunPoint, plan
+from portable.bench.plan import GPU_BACKENDS, LoadKey, RunPoint, plan
 from portable.bench.result import Result
 from portable.bench.spec import SweepSpec, TestSpec
 from portable.config import RunConfig
@@ -203,7 +203,8 @@ def summarize(result: Result, reps: list[Rep], test: TestSpec, batch: int, cost,
 def base_result(point: RunPoint, spec: SweepSpec, engine: str = "portable") -> Result:
     t, k = point.test, point.key
     return Result(test=t.name, config=t.config, engine=engine, model=k.model, backend=k.backend,
-                  precision=k.precision, attn=k.attn, kernels=k.kernels, batch=point.batch, threads=point.threads,
+                  precision=k.precision, attn=k.attn,
+                  kernels=k.kernels if k.backend in GPU_BACKENDS else None, batch=point.batch, threads=point.threads,
                   n_prompt=t.n_prompt, n_gen=t.n_gen, depth=t.depth, sampling=t.sampling.describe(),
                   sync_every=point.sync_every, warmup=spec.warmup)
 
