@@ -4,6 +4,8 @@ Reproducibility across devices is by construction: the logits are brought to the
 (repetition penalty, temperature, top-k, top-p) runs there in float64 with ties broken by token id, and the random
 number for each sequence and step is drawn on the host from a seeded PCG64 stream (one draw per sequence per step,
 finished or not, so streams stay aligned). Given the same logits and seed, every backend picks the same token.
+Top-k sampling without a repetition penalty finds its candidates where the logits are and moves only those (the same
+candidates and float64 values as the full host path: see `Sampler.preselects`), so a large vocabulary costs little.
 
 Greedy decoding without a repetition penalty needs no host round trip: `pick_on_device` takes the argmax where the
 logits are (the first maximal index, as on the host).
@@ -54,16 +56,37 @@ class Sampler:
                 ids = torch.nonzero(row >= kth).view(-1)  # keep every tie at the threshold, as transformers does
             else:
                 ids = torch.arange(row.numel())
-            vals = row[ids]
-            order = torch.sort(-vals, stable=True).indices  # descending, ties by ascending token id
-            ids, vals = ids[order], vals[order]
-            probs = torch.softmax(vals, dim=0)
-            if self.config.top_p < 1.0:
-                cum = torch.cumsum(probs, dim=0)
-                keep = int(torch.searchsorted(cum, torch.tensor(self.config.top_p, dtype=cum.dtype)).item()) + 1
-                ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
-            rows.append((ids, probs))
+            rows.append(self._nucleus(ids, row[ids]))
         return rows
+
+    def _nucleus(self, ids: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidates (ascending ids, float64 values) -> ordered (ids, probabilities) after top-p."""
+        order = torch.sort(-vals, stable=True).indices  # descending, ties by ascending token id
+        ids, vals = ids[order], vals[order]
+        probs = torch.softmax(vals, dim=0)
+        if self.config.top_p < 1.0:
+            cum = torch.cumsum(probs, dim=0)
+            keep = int(torch.searchsorted(cum, torch.tensor(self.config.top_p, dtype=cum.dtype)).item()) + 1
+            ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
+        return ids, probs
+
+    @property
+    def preselects(self) -> bool:
+        """Top-k sampling without a repetition penalty: the top-k candidates are found where the logits are and
+        only they travel to the host. Same tokens as the full host path: float32 -> float64 and the division by a
+        positive temperature keep the order of the values strictly, so the candidates (ties at the threshold
+        included) and their float64 values are the same."""
+        return not self.config.greedy and self.config.top_k > 0 and self.config.repetition_penalty == 1.0
+
+    def candidates(self, logits: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per row: (ascending token ids, float64 values over the temperature) of the top-k, ties included."""
+        x = logits.detach().float()
+        k = min(self.config.top_k, x.shape[-1])
+        kth = torch.topk(x, k, dim=-1).values[:, -1:]
+        rows, ids = torch.nonzero(x >= kth, as_tuple=True)
+        vals = x[rows, ids]
+        rows, ids, vals = rows.cpu(), ids.cpu(), vals.cpu().to(torch.float64) / self.config.temperature
+        return [(ids[rows == b], vals[rows == b]) for b in range(x.shape[0])]
 
     def draw(self) -> np.ndarray:
         """This step's uniform numbers, one per sequence."""
@@ -73,14 +96,18 @@ class Sampler:
         """The next token of each sequence (host ints)."""
         if self.on_device:
             return logits.argmax(dim=-1).tolist()
-        processed = self.process(logits, history)
-        if self.config.greedy:
-            return processed.argmax(dim=-1).tolist()
-        u = self.draw()
-        out = []
-        for (ids, probs), r in zip(self.distribution(processed), u):
-            cdf = torch.cumsum(probs, dim=0)
-            j = min(int(torch.searchsorted(cdf, torch.tensor(r * cdf[-1].item(), dtype=cdf.dtype), right=True)),
-                    len(ids) - 1)
-            out.append(int(ids[j]))
-        return out
+        if self.preselects:
+            rows = [self._nucleus(ids, vals) for ids, vals in self.candidates(logits)]
+        else:
+            processed = self.process(logits, history)
+            if self.config.greedy:
+                return processed.argmax(dim=-1).tolist()
+            rows = self.distribution(processed)
+        return [self._choose(ids, probs, r) for (ids, probs), r in zip(rows, self.draw())]
+
+    @staticmethod
+    def _choose(ids: torch.Tensor, probs: torch.Tensor, r: float) -> int:
+        cdf = torch.cumsum(probs, dim=0)
+        j = min(int(torch.searchsorted(cdf, torch.tensor(r * cdf[-1].item(), dtype=cdf.dtype), right=True)),
+                len(ids) - 1)
+        return int(ids[j])

@@ -79,6 +79,9 @@ def test_suites_hold_seed_003s_configurations():
     assert CONFIGS["full-pipe"].sampling.repetition_penalty == 1.1 and not CONFIGS["sampled"].sampling.greedy
     with pytest.raises(PortableError):
         suite("huge")
+    assert [t.config for t in suite("medium,sampled")] == ["medium", "sampled"]
+    with pytest.raises(PortableError, match="configurations"):
+        suite("medium,huge")
 
 
 def test_plan_loads_each_model_configuration_once_and_sorts_batches():

@@ -43,7 +43,7 @@ def bench(
         f"Default {','.join(t.name for t in DEFAULTS.tests)}."))] = None,
     suite: Annotated[Optional[str], typer.Option("--suite", help=(
         "Seed-003 suite instead of --tests: quick (short, medium), standard (+ prefill, decode, sampled), full "
-        "(+ long, full-pipe)."))] = None,
+        "(+ long, full-pipe); or a comma list of those configurations, e.g. medium,sampled."))] = None,
     repetitions: Annotated[Optional[int], typer.Option("--repetitions", "-r", min=1, help=f"Timed repetitions ({DEFAULTS.repetitions}).")
                            ] = None,
     warmup: Annotated[Optional[int], typer.Option("--warmup", min=0, help=f"Untimed repetitions first ({DEFAULTS.warmup}).")] = None,

@@ -43,6 +43,12 @@ TIERS: dict[str, tuple[str, ...]] = {
 
 
 def suite(tier: str) -> tuple[TestSpec, ...]:
-    if tier not in TIERS:
-        raise PortableError(f"unknown suite {tier!r}; choose from {', '.join(TIERS)}")
-    return tuple(CONFIGS[name] for name in TIERS[tier])
+    """A tier (quick, standard, full) or a comma list of configuration names (e.g. medium,sampled)."""
+    if tier in TIERS:
+        return tuple(CONFIGS[name] for name in TIERS[tier])
+    names = [name.strip() for name in tier.split(",") if name.strip()]
+    unknown = [name for name in names if name not in CONFIGS]
+    if not names or unknown:
+        raise PortableError(f"unknown suite {tier!r}; choose a tier ({', '.join(TIERS)}) or configurations "
+                            f"({', '.join(CONFIGS)})")
+    return tuple(CONFIGS[name] for name in dict.fromkeys(names))
