@@ -108,8 +108,6 @@ def run_decode(runner, cache: PromptCache, sampler: Sampler, max_new_tokens: int
     def active() -> int:
         return sum(r is None for r in reasons)
 
-    if history:
-        history = [h for h in history]
     start = time.perf_counter()
     first = sampler.pick(cache.next_token_logits, history)
     result.first_pick_s = time.perf_counter() - start

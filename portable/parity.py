@@ -25,7 +25,6 @@ tolerance.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -294,7 +293,3 @@ def summary(result: ParityResult) -> dict:
     data = asdict(result)
     data["kl_mean"] = None if result.kl_mean is None else float(f"{result.kl_mean:.6g}")
     return data
-
-
-def is_finite(x: float | None) -> bool:
-    return x is not None and math.isfinite(x)

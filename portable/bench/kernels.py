@@ -84,8 +84,8 @@ def _case_gemv(k, s: Shapes, x: int, dtype, device):
 
 
 def _case_attention(k, s: Shapes, x: int, dtype, device):
-    """Decode attention of one new token over `x` cached slots (batch 1). Where the kernels fuse RoPE and the cache
-    write into attention (`RopeAttention`), both sides do that whole job from the packed q/k/v projections."""
+    """Decode attention of one new token over `x` cached slots (batch 1), with RoPE and the cache write fused in as
+    the decode step runs it (`RopeAttention`): both sides do that whole job from the packed q/k/v projections."""
     kc, vc = (_rand(1, s.hk, x, s.d, dtype=dtype, device=device, seed=i) for i in (1, 2))
     start = torch.zeros(1, dtype=torch.int32, device=device)
     slot = torch.full((1,), x - 1, dtype=torch.int32, device=device)
@@ -93,27 +93,21 @@ def _case_attention(k, s: Shapes, x: int, dtype, device):
     scale = s.d ** -0.5
     nbytes = 2 * kc.numel() * kc.element_size()
     attention = k.attention
-    if hasattr(attention, "RopeAttention"):
-        qkv = _rand(1, (s.hq + 2 * s.hk) * s.d, dtype=dtype, device=device)
-        positions = torch.full((1,), x - 1, dtype=torch.long, device=device)
-        inv = 1.0 / (10000 ** (torch.arange(0, s.d, 2, device=device).float() / s.d))
-        q = torch.empty(1, s.hq, s.d, dtype=dtype, device=device)
-        fused = attention.RopeAttention(1, s.hq, s.hk, s.d, x, device)
+    qkv = _rand(1, (s.hq + 2 * s.hk) * s.d, dtype=dtype, device=device)
+    positions = torch.full((1,), x - 1, dtype=torch.long, device=device)
+    inv = 1.0 / (10000 ** (torch.arange(0, s.d, 2, device=device).float() / s.d))
+    q = torch.empty(1, s.hq, s.d, dtype=dtype, device=device)
+    fused = attention.RopeAttention(1, s.hq, s.hk, s.d, x, device)
 
-        def triton_():
-            fused.rope_attention(qkv, positions, inv, 1.0, kc, vc, start, slot, scale, 0, None, None, 1e-6, 0.0)
-            return fused.combine(out)
+    def triton_():
+        fused.rope_attention(qkv, positions, inv, 1.0, kc, vc, start, slot, scale, 0, None, None, 1e-6, 0.0)
+        return fused.combine(out)
 
-        def torch_():
-            k.rope.qkv_rope_cache_torch_(qkv, positions, inv, 1.0, q, kc, vc, slot)
-            return attention.decode_attention_torch(q, kc, vc, start, slot, scale, out=out)
+    def torch_():
+        k.rope.qkv_rope_cache_torch_(qkv, positions, inv, 1.0, q, kc, vc, slot)
+        return attention.decode_attention_torch(q, kc, vc, start, slot, scale, out=out)
 
-        return {"triton": triton_, "torch": torch_}, nbytes
-    q = _rand(1, s.hq, s.d, dtype=dtype, device=device)
-    attend = attention.DecodeAttention(1, s.hq, s.hk, s.d, x, device)
-    fns = {"triton": lambda: attend(q, kc, vc, start, slot, scale),
-           "torch": lambda: attention.decode_attention_torch(q, kc, vc, start, slot, scale)}
-    return fns, nbytes
+    return {"triton": triton_, "torch": torch_}, nbytes
 
 
 # name: (case builder, x axis name, the Shapes field holding the x values)
