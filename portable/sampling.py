@@ -4,8 +4,8 @@ Reproducibility across devices is by construction: the logits are brought to the
 (repetition penalty, temperature, top-k, top-p) runs there in float64 with ties broken by token id, and the random
 number for each sequence and step is drawn on the host from a seeded PCG64 stream (one draw per sequence per step,
 finished or not, so streams stay aligned). Given the same logits and seed, every backend picks the same token.
-Top-k sampling without a repetition penalty finds its candidates where the logits are and moves only those (the same
-candidates and float64 values as the full host path: see `Sampler.preselects`), so a large vocabulary costs little.
+Top-k sampling finds its candidates where the logits are and moves only those (the same candidates and float64 values
+as the full host path: see `Sampler.candidates`), so a large vocabulary costs little.
 
 Greedy decoding without a repetition penalty needs no host round trip: `pick_on_device` takes the argmax where the
 logits are (the first maximal index, as on the host).
@@ -72,21 +72,48 @@ class Sampler:
 
     @property
     def preselects(self) -> bool:
-        """Top-k sampling without a repetition penalty: the top-k candidates are found where the logits are and
-        only they travel to the host. Same tokens as the full host path: float32 -> float64 and the division by a
-        positive temperature keep the order of the values strictly, so the candidates (ties at the threshold
-        included) and their float64 values are the same."""
-        return not self.config.greedy and self.config.top_k > 0 and self.config.repetition_penalty == 1.0
+        """Top-k sampling: the candidates are found where the logits are and only they travel to the host (see
+        `candidates`), with the same tokens as the full host path."""
+        return not self.config.greedy and self.config.top_k > 0
 
-    def candidates(self, logits: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per row: (ascending token ids, float64 values over the temperature) of the top-k, ties included."""
+    def candidates(self, logits: torch.Tensor, history: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per row: (ascending token ids, processed float64 values) of the top-k after the repetition penalty, ties
+        at the threshold included — what `distribution(process(...))` keeps, without moving the whole row.
+
+        Why it is the same set: float32 -> float64 and the division by a positive temperature keep the order of the
+        values strictly, and the penalty changes only seen tokens. So every token of the final top-k is a seen token
+        or an unseen one whose raw value ranks within the top (k + number of seen tokens) of the raw row; that union
+        is brought over, the penalty and temperature applied there exactly as `process` does, and the top-k (ties
+        included) taken within it."""
         x = logits.detach().float()
-        k = min(self.config.top_k, x.shape[-1])
-        kth = torch.topk(x, k, dim=-1).values[:, -1:]
-        rows, ids = torch.nonzero(x >= kth, as_tuple=True)
+        batch, vocab = x.shape
+        penalty = self.config.repetition_penalty
+        seen = [sorted(set(h)) for h in history] if penalty != 1.0 and history else [[] for _ in range(batch)]
+        ranks = torch.tensor([min(self.config.top_k + len(s), vocab) for s in seen], device=x.device)
+        top = torch.topk(x, int(ranks.max()), dim=-1).values
+        threshold = top.gather(1, (ranks - 1)[:, None])
+        rows, ids = torch.nonzero(x >= threshold, as_tuple=True)
         vals = x[rows, ids]
-        rows, ids, vals = rows.cpu(), ids.cpu(), vals.cpu().to(torch.float64) / self.config.temperature
-        return [(ids[rows == b], vals[rows == b]) for b in range(x.shape[0])]
+        rows, ids, vals = rows.cpu(), ids.cpu(), vals.cpu().to(torch.float64)
+        out = []
+        for b in range(batch):
+            bid, bval = ids[rows == b], vals[rows == b]
+            if seen[b]:
+                s = torch.tensor(seen[b], dtype=torch.long)
+                extra = s[~torch.isin(s, bid)]
+                if extra.numel():
+                    bid = torch.cat([bid, extra])
+                    bval = torch.cat([bval, x[b, extra.to(x.device)].cpu().to(torch.float64)])
+                    order = torch.argsort(bid)
+                    bid, bval = bid[order], bval[order]
+                hit = torch.isin(bid, s)
+                v = bval[hit]
+                bval[hit] = torch.where(v > 0, v / penalty, v * penalty)
+            bval = bval / self.config.temperature
+            kth = torch.topk(bval, min(self.config.top_k, bval.numel())).values[-1]
+            keep = bval >= kth
+            out.append((bid[keep], bval[keep]))
+        return out
 
     def draw(self) -> np.ndarray:
         """This step's uniform numbers, one per sequence."""
@@ -97,7 +124,7 @@ class Sampler:
         if self.on_device:
             return logits.argmax(dim=-1).tolist()
         if self.preselects:
-            rows = [self._nucleus(ids, vals) for ids, vals in self.candidates(logits)]
+            rows = [self._nucleus(ids, vals) for ids, vals in self.candidates(logits, history)]
         else:
             processed = self.process(logits, history)
             if self.config.greedy:

@@ -238,22 +238,27 @@ def test_matrix_where_nothing_can_run_still_prints_why(caches):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_top_k_candidates_found_with_the_logits_pick_what_the_host_path_picks(dtype):
-    """The preselected path against the full float64 host path on logits with many ties at the threshold."""
+    """The preselected path against the full float64 host path on logits with many ties at the threshold, with and
+    without a repetition penalty (seen tokens inside and outside the raw top-k)."""
     from portable.config import SamplingConfig
     from portable.sampling import Sampler
 
     gen = torch.Generator().manual_seed(0)
-    for trial in range(40):
+    for trial in range(48):
         config = SamplingConfig(temperature=(0.3, 0.8, 1.7)[trial % 3], top_k=(1, 5, 50, 5000)[trial % 4],
-                                top_p=(1.0, 0.9, 0.5)[trial % 3], seed=trial)
+                                top_p=(1.0, 0.9, 0.5)[trial % 3], seed=trial,
+                                repetition_penalty=(1.0, 1.3, 0.7, 1.1)[trial // 4 % 4])
         logits = (torch.randn(3, 4096, generator=gen) * 4).round(decimals=trial % 2).to(dtype)  # rounding: ties
+        ranked = torch.sort(logits[1].float(), descending=True, stable=True).indices
+        history = [[], ranked[:8].tolist() + ranked[40:50].tolist() + [7, 7, 4095],  # inside and past the top-k
+                   torch.sort(logits[2].float(), descending=True, stable=True).indices[40:50].tolist()
+                   + torch.randint(0, 4096, (10,), generator=gen).tolist()]  # a penalty < 1 lifts these into it
         fast, host = Sampler(config, 3), Sampler(config, 3)
         assert fast.preselects
-        host_rows = host.distribution(host.process(logits, [[], [], []]))
-        for (ids, vals), (hids, hprobs) in zip(fast.candidates(logits), host_rows):
+        host_rows = host.distribution(host.process(logits, history))
+        for (ids, vals), (hids, hprobs) in zip(fast.candidates(logits, history), host_rows):
             fids, fprobs = fast._nucleus(ids, vals)
             assert torch.equal(fids, hids) and torch.equal(fprobs, hprobs)
         for _ in range(3):
-            picked = fast.pick(logits, [[], [], []])
-            host_u = host.draw()
-            assert picked == [Sampler._choose(i, p, r) for (i, p), r in zip(host_rows, host_u)]
+            picked = fast.pick(logits, history)
+            assert picked == [Sampler._choose(i, p, r) for (i, p), r in zip(host_rows, host.draw())]
