@@ -89,9 +89,12 @@ class Sampler:
         batch, vocab = x.shape
         penalty = self.config.repetition_penalty
         seen = [sorted(set(h)) for h in history] if penalty != 1.0 and history else [[] for _ in range(batch)]
-        ranks = torch.tensor([min(self.config.top_k + len(s), vocab) for s in seen], device=x.device)
-        top = torch.topk(x, int(ranks.max()), dim=-1).values
-        threshold = top.gather(1, (ranks - 1)[:, None])
+        ranks = [min(self.config.top_k + len(s), vocab) for s in seen]
+        top = torch.topk(x, max(ranks), dim=-1).values
+        if len(set(ranks)) == 1:  # no host-to-device copy of the ranks in the common case
+            threshold = top[:, ranks[0] - 1:ranks[0]]
+        else:
+            threshold = top.gather(1, torch.tensor(ranks, device=x.device)[:, None] - 1)
         rows, ids = torch.nonzero(x >= threshold, as_tuple=True)
         vals = x[rows, ids]
         rows, ids, vals = rows.cpu(), ids.cpu(), vals.cpu().to(torch.float64)
