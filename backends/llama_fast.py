@@ -105,7 +105,7 @@ class FastDecoder:
         self.trigger = "end"  # when a GEMV lets its successor launch: "start", "last" (last tile), "end"
         # Measured on an H100 (benchmarks/gpu_profile.py): 32-slot blocks with 8 warps for pass 1 of the attention,
         # 128-row programs for the combine + output projection.
-        self.oproj_block_n, self.oproj_warps = 128, 4
+        self.oproj_block_n, self.oproj_warps, self.oproj_heads = 128, 4, 1
         self.attention_block_s, self.attention_warps = 32, 8
         inner = model.model
         self.dtype = inner.embed_tokens.weight.dtype
@@ -235,7 +235,8 @@ class FastDecoder:
                 gemv.gemv(o, layer.wo, self.tmp[0], **pdl)
                 rmsnorm_add(self.tmp, self.h, layer.post_attn, eps, off)
             else:
-                self.attention.combine_oproj_(layer.wo, h, self.pdl, self.oproj_block_n, self.oproj_warps)
+                self.attention.combine_oproj_(layer.wo, h, self.pdl, self.oproj_block_n, self.oproj_warps,
+                                              self.oproj_heads)
             gemv.gemv(h, layer.wg, self.mlp[0], norm_w=layer.ln2, eps=eps, norm_offset=off, up=layer.wu,
                       act=self.act, **pdl)
             if self.gemma:

@@ -32,6 +32,13 @@ VARIANTS = {
     "oproj64": dict(oproj_block_n=64),
     "oproj128 w8": dict(oproj_warps=8),
     "oproj256 w8": dict(oproj_block_n=256, oproj_warps=8),
+    "oproj h2": dict(oproj_heads=2),
+    "oproj h4": dict(oproj_heads=4),
+    "oproj h8": dict(oproj_heads=8),
+    "oproj64 h4": dict(oproj_block_n=64, oproj_heads=4),
+    "oproj64 h8": dict(oproj_block_n=64, oproj_heads=8),
+    "oproj32 h8 w4": dict(oproj_block_n=32, oproj_heads=8),
+    "oproj64 h8 w8": dict(oproj_block_n=64, oproj_heads=8, oproj_warps=8),
 }
 
 

@@ -133,9 +133,11 @@ def test_rope_attention_matches_rope_then_attention(dtype, window, group, qk_nor
     wo = (rand(48, hq * d, dtype=dtype, seed=45) / (hq * d) ** 0.5).contiguous()
     h1 = rand(48, seed=46)
     h2 = h1.clone()
-    attn1.combine_oproj_(wo, h1, block_n=16)
     h2 += torch.nn.functional.linear(out2[:1].reshape(1, -1).float(), wo.float())[0]
-    assert rel_err(h1, h2) < TOL[dtype] * 3
+    for heads in (1, 2, 4):  # query heads per program (4 is halved to 2 where there are only 2 heads)
+        h3 = h1.clone()
+        attn1.combine_oproj_(wo, h3, block_n=16, heads=heads)
+        assert rel_err(h3, h2) < TOL[dtype] * 3
 
 
 def test_embed_and_advance():

@@ -128,7 +128,10 @@ def _rope_attn_partial_kernel(
     D: tl.constexpr = 2 * HALF
     CHUNK: tl.constexpr = BLOCK_S * BLOCKS_PER_CHUNK
     pdl_prologue(USE_PDL)
-    pdl_wait(USE_PDL)
+    # Before waiting for the predecessor (the GEMV that writes qkv): everything that does not depend on it. The slot,
+    # positions and the cached keys and values were written one step or more ago, by kernels that completed before
+    # the predecessor passed its own wait (it lets us launch only after that, `gemv(trigger="end")`), so they are
+    # final; loading them here takes their memory latency off the dependent path.
     g = tl.arange(0, GROUP_P2)
     gmask = g < GROUP
     i = tl.arange(0, HALF)
@@ -140,6 +143,16 @@ def _rope_attn_partial_kernel(
     angle = tl.load(pos_ptr + b).to(tl.float32) * tl.load(inv_freq_ptr + i)
     c = tl.cos(angle) * rope_scaling
     s = tl.sin(angle) * rope_scaling
+    base = b * stride_cb + kvh * stride_ch
+    sl0 = chunk * CHUNK + tl.arange(0, BLOCK_S)
+    smask0 = (sl0 >= lo) & (sl0 < cur)  # the new slot is counted from registers below
+    kp0 = kc_ptr + base + sl0[:, None] * stride_cs + i[None, :]
+    vp0 = vc_ptr + base + sl0[:, None] * stride_cs + i[None, :]
+    k0a = tl.load(kp0, mask=smask0[:, None], other=0.0)
+    k0b = tl.load(kp0 + HALF, mask=smask0[:, None], other=0.0)
+    v0a = tl.load(vp0, mask=smask0[:, None], other=0.0)
+    v0b = tl.load(vp0 + HALF, mask=smask0[:, None], other=0.0)
+    pdl_wait(USE_PDL)
     row = qkv_ptr + b * stride_qkv
     q1 = tl.load(row + heads[:, None] * D + i[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
     q2 = tl.load(row + heads[:, None] * D + HALF + i[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
@@ -150,26 +163,31 @@ def _rope_attn_partial_kernel(
     cache_ty = kc_ptr.dtype.element_ty
     q1, q2 = (q1 * c[None, :] - q2 * s[None, :]) * scale, (q2 * c[None, :] + q1 * s[None, :]) * scale
     q1, q2 = q1.to(cache_ty), q2.to(cache_ty)
-    base = b * stride_cb + kvh * stride_ch
     m_i = tl.full([GROUP_P2], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_P2], tl.float32)
     acc1 = tl.zeros([GROUP_P2, HALF], tl.float32)
     acc2 = tl.zeros([GROUP_P2, HALF], tl.float32)
-    for blk in range(BLOCKS_PER_CHUNK):
-        sl = chunk * CHUNK + blk * BLOCK_S + tl.arange(0, BLOCK_S)
-        smask = (sl >= lo) & (sl < cur)  # the new slot is counted from registers below
-        kp = kc_ptr + base + sl[:, None] * stride_cs + i[None, :]
-        scores = _qk(q1, tl.load(kp, mask=smask[:, None], other=0.0), USE_DOT, IEEE) + \
-            _qk(q2, tl.load(kp + HALF, mask=smask[:, None], other=0.0), USE_DOT, IEEE)
+    for blk in tl.static_range(BLOCKS_PER_CHUNK):
+        if blk == 0:
+            smask, ka, kb, va, vb = smask0, k0a, k0b, v0a, v0b
+        else:
+            sl = chunk * CHUNK + blk * BLOCK_S + tl.arange(0, BLOCK_S)
+            smask = (sl >= lo) & (sl < cur)
+            kp = kc_ptr + base + sl[:, None] * stride_cs + i[None, :]
+            vp = vc_ptr + base + sl[:, None] * stride_cs + i[None, :]
+            ka = tl.load(kp, mask=smask[:, None], other=0.0)
+            kb = tl.load(kp + HALF, mask=smask[:, None], other=0.0)
+            va = tl.load(vp, mask=smask[:, None], other=0.0)
+            vb = tl.load(vp + HALF, mask=smask[:, None], other=0.0)
+        scores = _qk(q1, ka, USE_DOT, IEEE) + _qk(q2, kb, USE_DOT, IEEE)
         scores = tl.where(smask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(scores - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vp = vc_ptr + base + sl[:, None] * stride_cs + i[None, :]
-        acc1 = acc1 * alpha[:, None] + _pv(p, tl.load(vp, mask=smask[:, None], other=0.0), USE_DOT, IEEE)
-        acc2 = acc2 * alpha[:, None] + _pv(p, tl.load(vp + HALF, mask=smask[:, None], other=0.0), USE_DOT, IEEE)
+        acc1 = acc1 * alpha[:, None] + _pv(p, va, USE_DOT, IEEE)
+        acc2 = acc2 * alpha[:, None] + _pv(p, vb, USE_DOT, IEEE)
         m_i = m_new
     if (cur >= chunk * CHUNK) & (cur < (chunk + 1) * CHUNK):
         k1 = tl.load(row + (HQ + kvh) * D + i).to(tl.float32)
@@ -204,28 +222,34 @@ def _rope_attn_partial_kernel(
 
 @triton.jit
 def _combine_oproj_kernel(m_ptr, l_ptr, acc_ptr, w_ptr, h_ptr, N, n_chunks, stride_w,
-                          D: tl.constexpr, CHUNKS_P2: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
-    """Batch 1: pass 2 fused with the output projection. Program (row block, head) combines the head's chunks into
-    o_h and adds W_o[rows, head columns] . o_h to the fp32 residual atomically (split-K over heads)."""
+                          D: tl.constexpr, CHUNKS_P2: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr,
+                          USE_PDL: tl.constexpr):
+    """Batch 1: pass 2 fused with the output projection. Program (row block, group of HEADS heads) combines each
+    head's chunks into o_h and adds W_o[rows, the group's columns] . o to the fp32 residual atomically (split-K over
+    head groups: HEADS > 1 means fewer atomic additions to the same address)."""
     pid_n = tl.program_id(0)
-    head = tl.program_id(1)
+    head0 = tl.program_id(1) * HEADS
     pdl_prologue(USE_PDL)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    hh = tl.arange(0, HEADS)
     d = tl.arange(0, D)
-    w = tl.load(w_ptr + rn[:, None] * stride_w + head * D + d[None, :], mask=(rn < N)[:, None], other=0.0)
+    # w: [BLOCK_N, HEADS, D], the weights never depend on the previous kernel: in flight while it finishes
+    w = tl.load(w_ptr + rn[:, None, None] * stride_w + (head0 + hh)[None, :, None] * D + d[None, None, :],
+                mask=(rn < N)[:, None, None], other=0.0)
     pdl_wait(USE_PDL)
     c = tl.arange(0, CHUNKS_P2)
-    cmask = c < n_chunks
-    row = head * n_chunks + c
+    cmask = (c < n_chunks)[None, :]
+    row = (head0 + hh)[:, None] * n_chunks + c[None, :]  # [HEADS, CHUNKS_P2]
     m = tl.load(m_ptr + row, mask=cmask, other=float("-inf"))
     l = tl.load(l_ptr + row, mask=cmask, other=0.0)
     live = cmask & (l > 0)
-    m_max = tl.max(tl.where(live, m, float("-inf")), axis=0)
-    wgt = tl.where(live, tl.exp(tl.where(live, m, m_max) - m_max), 0.0)
-    acc = tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=cmask[:, None], other=0.0)
-    o = tl.sum(acc * wgt[:, None], axis=0) / tl.sum(l * wgt, axis=0)
+    m_max = tl.max(tl.where(live, m, float("-inf")), axis=1)
+    wgt = tl.where(live, tl.exp(tl.where(live, m, m_max[:, None]) - m_max[:, None]), 0.0)
+    acc = tl.load(acc_ptr + row[:, :, None] * D + d[None, None, :], mask=cmask[:, :, None], other=0.0)
+    o = tl.sum(acc * wgt[:, :, None], axis=1) / tl.sum(l * wgt, axis=1)[:, None]  # [HEADS, D]
     o = o.to(w_ptr.dtype.element_ty).to(tl.float32)  # as the unfused path rounds o to the model's dtype
-    tl.atomic_add(h_ptr + rn, tl.sum(w.to(tl.float32) * o[None, :], axis=1), mask=rn < N)
+    y = tl.sum(tl.sum(w.to(tl.float32) * o[None, :, :], axis=2), axis=1)
+    tl.atomic_add(h_ptr + rn, y, mask=rn < N)
 
 
 class RopeAttention(DecodeAttention):
@@ -253,11 +277,14 @@ class RopeAttention(DecodeAttention):
                                       num_warps=4, **launch_options(pdl))
         return out
 
-    def combine_oproj_(self, wo, h, pdl=False, block_n=64, num_warps=4):
-        """h (fp32 [hidden]) += W_o . attention output (batch 1)."""
+    def combine_oproj_(self, wo, h, pdl=False, block_n=64, num_warps=4, heads=1):
+        """h (fp32 [hidden]) += W_o . attention output (batch 1); `heads` query heads per program (a power of two;
+        halved until it divides the head count)."""
         _, hq, _, d = self.shape
         n = wo.shape[0]
-        _combine_oproj_kernel[(triton.cdiv(n, block_n), hq)](
+        while hq % heads:
+            heads //= 2
+        _combine_oproj_kernel[(triton.cdiv(n, block_n), hq // heads)](
             self.m, self.l, self.acc, wo, h, n, self.n_chunks, wo.stride(0), D=d,
-            CHUNKS_P2=triton.next_power_of_2(self.n_chunks), BLOCK_N=block_n, USE_PDL=pdl, num_warps=num_warps,
-            **launch_options(pdl))
+            CHUNKS_P2=triton.next_power_of_2(self.n_chunks), BLOCK_N=block_n, HEADS=heads, USE_PDL=pdl,
+            num_warps=num_warps, **launch_options(pdl))

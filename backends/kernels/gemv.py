@@ -165,6 +165,9 @@ def default_config(n: int, k: int, gated: bool, accumulate: bool) -> GemvConfig:
         return GemvConfig(block_n=16, block_k=256, split_k=split, num_warps=8, num_stages=3, preload=True)
     if gated:
         return GemvConfig(block_n=8, block_k=widest(512, 256, 128), num_warps=8, num_stages=4, preload=True)
+    if n >= 16 * k:  # the vocabulary projection: 4-warp programs over 512-wide tiles read it at 97% of the copy
+        # bandwidth on an H200 against 91% for the config below (126.8 vs 134.7 us, Llama-3.2-1B's head)
+        return GemvConfig(block_n=8, block_k=widest(512, 256, 128), num_warps=4, num_stages=4, preload=True)
     return GemvConfig(block_n=8, block_k=widest(1024, 512, 256, 128), num_warps=8, num_stages=4, preload=True)
 
 

@@ -1,0 +1,13 @@
+"""The installed package must hold every subpackage: a non-editable install leaves out any not listed."""
+
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_subpackage_is_listed_in_pyproject():
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {str(p.parent.relative_to(ROOT)).replace("/", ".")
+             for top in ("portable", "backends", "caches") for p in (ROOT / top).rglob("__init__.py")}
+    assert found - listed == set(), f"missing from pyproject's packages: {sorted(found - listed)}"
