@@ -18,6 +18,8 @@ SEED = 0
 
 
 def _configs() -> dict:
+    """Every preset's config, special token ids included: transformers' defaults are another model's (GPTBigCode's
+    bos_token_id 50256 lies outside santacoder's vocabulary)."""
     from transformers import GPTBigCodeConfig, Gemma3TextConfig, LlamaConfig, MambaConfig, MistralConfig, Qwen3Config
 
     return {
@@ -32,25 +34,26 @@ def _configs() -> dict:
         "qwen3-1.7b": lambda: Qwen3Config(
             vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
             num_key_value_heads=8, head_dim=128, rope_theta=1000000.0, tie_word_embeddings=True,
-            max_position_embeddings=40960, rms_norm_eps=1e-6, eos_token_id=151645),
+            max_position_embeddings=40960, rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645),
         # google/gemma-3-1b-pt (text)
         "gemma3-1b": lambda: Gemma3TextConfig(
             vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
             num_key_value_heads=1, head_dim=256, sliding_window=512, max_position_embeddings=32768,
-            rope_theta=1000000.0, rope_local_base_freq=10000.0, query_pre_attn_scalar=256, eos_token_id=1),
+            rope_theta=1000000.0, rope_local_base_freq=10000.0, query_pre_attn_scalar=256, bos_token_id=2,
+            eos_token_id=1, pad_token_id=0),
         # bigcode/gpt_bigcode-santacoder (multi-query attention)
         "santacoder-1b": lambda: GPTBigCodeConfig(
             vocab_size=49280, n_positions=2048, n_embd=2048, n_layer=24, n_head=16, n_inner=8192,
-            activation_function="gelu_pytorch_tanh", multi_query=True, eos_token_id=49152),
+            activation_function="gelu_pytorch_tanh", multi_query=True, bos_token_id=49152, eos_token_id=49152),
         # mistralai/Mistral-7B-v0.1
         "mistral-7b": lambda: MistralConfig(
             vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
             num_key_value_heads=8, head_dim=128, sliding_window=4096, max_position_embeddings=32768,
-            rope_theta=10000.0, rms_norm_eps=1e-5, eos_token_id=2),
+            rope_theta=10000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2),
         # state-spaces/mamba-1.4b-hf
         "mamba-1.4b": lambda: MambaConfig(
             vocab_size=50280, hidden_size=2048, state_size=16, num_hidden_layers=48, expand=2, conv_kernel=4,
-            time_step_rank=128, eos_token_id=0),
+            time_step_rank=128, bos_token_id=0, eos_token_id=0, pad_token_id=0),
     }
 
 

@@ -152,6 +152,8 @@ def test_copy_bandwidth_is_a_positive_rate():
     (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
     (MemoryError(), True),
     (RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory"), True),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 70368744177664 bytes. Error code 12 (Cannot allocate memory)"), True),
     (RuntimeError("shape mismatch"), False),
     (ValueError("out of memory"), False),
 ])
@@ -189,6 +191,10 @@ def test_sinks_take_their_columns_from_the_result_dataclass():
     assert any("noisy" in n and "pp8 b2 (25%)" in n for n in sinks.notes(rows))
     rows[0].model = "other"  # several models: the noisy row names its model
     assert any("noisy" in n and " m pp8 b2 (25%)" in n for n in sinks.notes(rows))
+    assert any("try --threads 1" in n for n in sinks.notes(rows))
+    rows[1].threads = 1  # already on one thread: no advice to do so
+    (noisy,) = [n for n in sinks.notes(rows) if "noisy" in n]
+    assert "--threads" not in noisy
 
 
 def test_parity_is_meaningless_on_random_weight_presets():
@@ -287,6 +293,45 @@ def test_an_out_of_memory_point_becomes_a_row_and_the_sweep_goes_on(monkeypatch)
         assert rows[test, 4]["environment"]["commit"] == rows[test, 1]["environment"]["commit"]
 
 
+def test_a_real_cpu_allocation_failure_is_an_oom_row():
+    """Batches whose prompt ids alone exceed any address space: torch's CPU allocator refuses them at once."""
+    huge = 2 ** 55
+    result = invoke("-t", "pp8,tg2", "--batch", f"1,{huge},{2 * huge}", "-r", "1", "--warmup", "0", "--threads", "1",
+                    "-o", "jsonl")
+    assert result.exit_code == 0, result.output
+    rows = {(r["test"], r["batch"]): r for r in map(json.loads, result.stdout.splitlines())}
+    for test in ("pp8", "tg2"):
+        assert rows[test, 1]["status"] == "ok"
+        assert rows[test, huge]["status"] == "oom" and "allocate" in rows[test, huge]["error"]
+        assert rows[test, 2 * huge]["status"] == "skipped"
+
+
+def test_an_unexpected_exception_is_an_error_row_and_the_run_exits_1(monkeypatch):
+    from backends.hf_torch import HFRunner
+
+    real = HFRunner.prefill
+
+    def prefill(self, input_ids, attention_mask):
+        if input_ids.shape[0] == 4:
+            raise ValueError("injected bug\nsecond line")
+        return real(self, input_ids, attention_mask)
+
+    monkeypatch.setattr(HFRunner, "prefill", prefill)
+    loads = []
+    real_load = run.load_runner
+    monkeypatch.setattr(run, "load_runner", lambda key, spec: loads.append(key) or real_load(key, spec))
+    result = invoke("-t", "pp8,tg2", "--batch", "1,4,8", "-r", "1", "-o", "jsonl", "--debug", *FAST)
+    assert result.exit_code == 1 and "2 point(s) failed unexpectedly" in result.output
+    assert "Traceback" in result.output and "injected bug" in result.output  # --debug: each failure's traceback
+    rows = {(r["test"], r["batch"]): r for r in map(json.loads, result.stdout.splitlines())}
+    assert len(rows) == 6  # every measured row is kept
+    for test in ("pp8", "tg2"):
+        assert rows[test, 1]["status"] == rows[test, 8]["status"] == "ok"
+        assert rows[test, 4]["status"] == "error"
+        assert rows[test, 4]["error"] == "unexpected ValueError: injected bug"
+    assert len(loads) == 3  # loaded afresh after each failed point
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where cuda cannot run")
 def test_an_unavailable_backend_gives_error_rows_and_the_rest_runs():
     result = invoke("-b", "cpu,cuda", "-t", "pp8", "-r", "1", "-o", "jsonl", *FAST)
@@ -360,12 +405,16 @@ def test_measure_peak_remembers_the_device_and_runs_report_percent_of_it(monkeyp
     assert row["pct_peak"] == pytest.approx(100 * row["gbps"] / row["peak_gbps"])
 
 
-def test_profile_writes_a_chrome_trace(tmp_path):
-    result = invoke("-t", "tg4", "-r", "1", "--profile", tmp_path / "traces", "-o", "json", *FAST)
+def test_profile_writes_a_chrome_trace_per_point(tmp_path):
+    result = invoke("-t", "tg4", "-r", "1", "--attn", "sdpa,eager", "--sync-every", "1,2", "--profile",
+                    tmp_path / "traces", "-o", "json", *FAST)
     assert result.exit_code == 0, result.output
-    trace = json.loads(result.stdout)[0]["trace"]
-    events = json.loads(open(trace).read())["traceEvents"]
-    assert any("aten::" in e.get("name", "") for e in events)
+    traces = [r["trace"] for r in json.loads(result.stdout)]
+    assert len(set(traces)) == 4 and sorted(map(str, (tmp_path / "traces").iterdir())) == sorted(traces)
+    assert "eager" in traces[-1] and "sync2" in traces[-1]
+    for trace in traces:
+        events = json.loads(open(trace).read())["traceEvents"]
+        assert any("aten::" in e.get("name", "") for e in events)
 
 
 def test_output_file_format_comes_from_its_suffix(tmp_path):

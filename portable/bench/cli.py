@@ -14,7 +14,7 @@ import typer
 
 from portable.bench.plan import GPU_SYNC_EVERY
 from portable.bench.spec import SweepSpec
-from portable.cli_options import BACKEND_NAMES, Debug, command
+from portable.cli_options import BACKEND_NAMES, Debug, command, fail
 from portable.config import ALL_PRECISIONS, ATTENTION, KERNELS
 
 DEFAULTS = SweepSpec()
@@ -111,7 +111,7 @@ def bench(
         from portable.bench.peers import Peers
 
         peers = Peers(spec.compare)
-    results = _run(spec, peers, quiet)
+    results = _run(spec, peers, quiet, debug)
     text = sinks.render(results, out_format)
     if out_file is not None:
         sinks.write(text, out_file)
@@ -122,6 +122,11 @@ def bench(
         ratios = sinks.ratio_table(results)
         if out_format != "md" and ratios:
             typer.echo(ratios, err=True, nl=False)  # stdout stays pure JSON / CSV
+    from portable.bench.run import failed_unexpectedly
+
+    unexpected = sum(map(failed_unexpectedly, results))
+    if unexpected:  # likely a bug: fails the run (exit 1), as an unexpected error always does, after every row
+        fail(f"{unexpected} point(s) failed unexpectedly (see their rows; --debug prints the tracebacks)", 1)
     if not any(r.ok for r in results):
         raise PortableError("no point could be measured (see the status of each row)")
 
@@ -153,7 +158,7 @@ def _measure_peaks(spec) -> None:
                    f"{roofline.cache_dir() / roofline.PEAK_FILE}", err=True)
 
 
-def _run(spec, peers, quiet: bool):
+def _run(spec, peers, quiet: bool, debug: bool):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -166,7 +171,7 @@ def _run(spec, peers, quiet: bool):
         def progress(label: str, n: int) -> None:
             bar.update(task, advance=max(n, 0), description=label)
 
-        return run_sweep(spec, progress, peers)
+        return run_sweep(spec, progress, peers, debug)
 
 
 @bench_app.command("kernels")

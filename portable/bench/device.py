@@ -27,13 +27,16 @@ def release_memory(device: torch.device) -> None:
 
 def is_out_of_memory(error: BaseException) -> bool:
     """A failure to allocate: torch's OutOfMemoryError, a MemoryError, or a runtime error that says so (ONNX Runtime
-    and some allocator paths raise plain RuntimeErrors)."""
+    and torch's CPU allocator raise plain RuntimeErrors: "DefaultCPUAllocator: can't allocate memory ... Error code
+    12 (Cannot allocate memory)")."""
     oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
                                   getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None), MemoryError) if t)
     if isinstance(error, oom_types):
         return True
     text = str(error).lower()
-    return isinstance(error, RuntimeError) and ("out of memory" in text or "failed to allocate memory" in text)
+    return isinstance(error, RuntimeError) and any(
+        words in text for words in ("out of memory", "failed to allocate memory", "can't allocate memory",
+                                    "cannot allocate memory"))
 
 
 def name(device: torch.device) -> str:

@@ -23,7 +23,14 @@ def trace(device: torch.device, run_once: Callable[[], object], directory: Path,
     with profile(activities=dev.profiler_activities(device), record_shapes=True) as prof:
         run_once()
         dev.synchronize(device)
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{point.key.model}_{point.label}").strip("_")
-    path = directory / f"{name}.json"
+    path = directory / f"{trace_name(point)}.json"
     prof.export_chrome_trace(str(path))
     return path
+
+
+def trace_name(point) -> str:
+    """A file name made of every field a sweep varies, so that no two points of a sweep share a trace."""
+    k, t = point.key, point.test
+    parts = [k.model, t.config or t.name, f"b{point.batch}", k.backend, k.precision, k.attn, k.kernels,
+             f"t{point.threads}" if point.threads else "", f"sync{point.sync_every}"]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(p for p in parts if p)).strip("_")

@@ -14,9 +14,10 @@ Not timed: building prompt ids, loading the model, graph capture and kernel comp
 reloading a depth cache, host bookkeeping between decode chunks. EOS is ignored so every repetition has its full
 length. Peak memory is reset after the warm-up; on CPU it is the process's peak RSS (which cannot be reset).
 
-A point that runs out of memory becomes a row with status "oom"; larger batches of the same test are then
-"skipped" (they would run out too) and the sweep goes on. A user error (e.g. a backend not available here) makes
-its rows "error". Anything else is a bug and stops the sweep.
+A point that runs out of memory (GPU or CPU) becomes a row with status "oom"; larger batches of the same test are
+then "skipped" (they would run out too) and the sweep goes on. A user error (e.g. a backend not available here)
+makes its rows "error". Any other exception is likely a bug: its point becomes an "error" row whose reason starts
+"unexpected" (`failed_unexpectedly`), the sweep goes on, and the CLI exits 1 after reporting every row.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -215,10 +217,23 @@ def parity_note(source: models.ModelSource) -> str:
     return "not checked by bench (portable decode gives the verdict)"
 
 
-def _fail(result: Result, error: BaseException) -> Result:
-    result.status = "oom" if dev.is_out_of_memory(error) else "error"
-    result.error = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+UNEXPECTED = "unexpected "  # how the reason of an error row that is not a user error begins
+
+
+def _fail(result: Result, error: Exception) -> Result:
+    """Mark a result "oom" or "error" with a one-line reason."""
+    oom = dev.is_out_of_memory(error)
+    result.status = "oom" if oom else "error"
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if not (oom or isinstance(error, PortableError)):
+        reason = f"{UNEXPECTED}{type(error).__name__}: {reason}"
+    result.error = reason[:300]
     return result
+
+
+def failed_unexpectedly(result: Result) -> bool:
+    """One of our points failed with an exception that is neither a user error nor out of memory (likely a bug)."""
+    return result.engine == "portable" and result.status == "error" and (result.error or "").startswith(UNEXPECTED)
 
 
 def measure(runner, point: RunPoint, spec: SweepSpec, workdir: Path, peak_gbps: float | None,
@@ -266,29 +281,32 @@ def load_runner(key: LoadKey, spec: SweepSpec):
     return source, backend, backend.load(config, source)
 
 
-def run_sweep(spec: SweepSpec, progress: Progress | None = None, peers=None) -> list[Result]:
+def run_sweep(spec: SweepSpec, progress: Progress | None = None, peers=None, debug: bool = False) -> list[Result]:
     """Every point of the sweep, in plan order. `peers` (peers.Peers) adds peer rows after each of our points and
-    our/peer ratios to ours."""
+    our/peer ratios to ours. `debug` prints the traceback of each point that fails unexpectedly."""
     progress = progress or (lambda label, n: None)
     results: list[Result] = []
     threads_before = torch.get_num_threads()
     try:
         with tempfile.TemporaryDirectory(prefix="portable-bench-") as tmp:
             for key, points in plan(spec):
-                results += _run_group(key, points, spec, Path(tmp), peers, progress)
+                results += _run_group(key, points, spec, Path(tmp), peers, progress, debug)
     finally:
         torch.set_num_threads(threads_before)
     return results
 
 
-def _recoverable(error: BaseException) -> bool:
-    return isinstance(error, PortableError) or dev.is_out_of_memory(error)
+def _failed(result: Result, error: Exception, debug: bool) -> Result:
+    _fail(result, error)
+    if debug and failed_unexpectedly(result):
+        traceback.print_exception(error)
+    return result
 
 
 def _run_group(key: LoadKey, points: list[RunPoint], spec: SweepSpec, workdir: Path, peers,
-               progress: Progress) -> list[Result]:
-    """The points of one loaded runner. After an out-of-memory point the runner is loaded afresh for the next point
-    that runs: a failed allocation can leave it half-prepared (a static cache, a graph capture)."""
+               progress: Progress, debug: bool) -> list[Result]:
+    """The points of one loaded runner. After a failed point the runner is loaded afresh for the next point that
+    runs: a failed allocation or a crash can leave it half-prepared (a static cache, a graph capture)."""
     results: list[Result] = []
     ours = spec.warmup + spec.repetitions
     theirs = ours * (peers.count_for(key.backend) if peers else 0)
@@ -301,10 +319,8 @@ def _run_group(key: LoadKey, points: list[RunPoint], spec: SweepSpec, workdir: P
             try:
                 source, backend, runner = load_runner(key, spec)
             except Exception as e:
-                if not _recoverable(e):
-                    raise
                 for rest in points[i:]:
-                    result = _fail(base_result(rest, spec), e)
+                    result = _failed(base_result(rest, spec), e, debug and rest is point)
                     result.environment = environment()
                     results.append(result)
                     progress(rest.label, ours + theirs)
@@ -329,9 +345,7 @@ def _run_group(key: LoadKey, points: list[RunPoint], spec: SweepSpec, workdir: P
             try:
                 result = measure(runner, point, spec, workdir, peak, counted)
             except Exception as e:
-                if not _recoverable(e):
-                    raise
-                result = _fail(base_result(point, spec), e)
+                result = _failed(base_result(point, spec), e, debug)
         progress(point.label, ours - done)
         _finish(result, info, source, env)
         results.append(result)
@@ -346,8 +360,9 @@ def _run_group(key: LoadKey, points: list[RunPoint], spec: SweepSpec, workdir: P
         if runner is None:
             continue
         device = runner.device
-        if result.status == "oom":
-            out_of_memory_at[family] = point.batch
+        if result.status in ("oom", "error"):
+            if result.status == "oom":
+                out_of_memory_at[family] = point.batch
             runner = None  # loaded afresh for the next point that runs
             if peers:
                 peers.release()

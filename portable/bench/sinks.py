@@ -166,11 +166,14 @@ def notes(results: list[Result]) -> list[str]:
         out.append("with sync N > 1 the N steps between two read-backs share their time equally (P50/P95 of those)")
     out += [f"parity: {p}" for p in dict.fromkeys(r.parity for r in results if r.parity)]
     models = len({r.model for r in results}) > 1
-    noisy = [f"{r.engine} {r.model + ' ' if models else ''}{r.config or r.test} b{r.batch} ({100 * r.tps_stdev / r.tps_mean:.0f}%)" for r in results
+    noisy = [r for r in results
              if r.ok and r.tps_mean and r.tps_stdev is not None and r.tps_stdev > NOISY * r.tps_mean]
     if noisy:
-        out.append(f"noisy (stdev over {100 * NOISY:.0f}% of the mean): {', '.join(noisy)}; the device may be shared "
-                   f"or throttling (on a busy CPU, try --threads 1)")
+        rows = ", ".join(f"{r.engine} {r.model + ' ' if models else ''}{r.config or r.test} b{r.batch} "
+                         f"({100 * r.tps_stdev / r.tps_mean:.0f}%)" for r in noisy)
+        advice = "; on a busy CPU, try --threads 1" if any(r.threads != 1 for r in noisy) else ""
+        out.append(f"noisy (stdev over {100 * NOISY:.0f}% of the mean): {rows}; the device may be shared or "
+                   f"throttling{advice}")
     missing = sorted({r.device for r in results if r.gbps is not None and r.pct_peak is None})
     if missing:
         out.append(f"no measured peak bandwidth for {', '.join(missing)}: run `portable bench --measure-peak` once "
