@@ -71,7 +71,7 @@ class HFRunner:
         attention_mask = attention_mask.to(self._device)
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         out = self._forward(input_ids, attention_mask, position_ids, DynamicCache(config=self.config))
-        hf_cache = getattr(out, "past_key_values", None) or getattr(out, "cache_params", None)
+        hf_cache = architectures.output_cache(out)
         return PromptCache(input_ids=input_ids, attention_mask=attention_mask,
                            next_token_logits=out.logits[:, -1].float(), layers=hf_caches.from_hf(hf_cache),
                            model=self.info.identity, pad_token_id=_pad_id(self.config, self.tokenizer))

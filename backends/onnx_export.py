@@ -160,8 +160,8 @@ class DecoderGraph(torch.nn.Module):
         masks = attention_masks(attention_mask, sequence, layers, self.plan)
         cache = hf_caches.to_hf(layers, self.model.config)
         mask = masks if len(masks) > 1 else next(iter(masks.values()))
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                         logits_to_keep=1, **{architectures.cache_keyword(self.model): cache})
         return (out.logits.float(), *[t for layer in cache.layers for t in (layer.keys, layer.values)])
 
 
@@ -343,7 +343,7 @@ def _example_cache(model, batch: int, past: int, **kwargs) -> list:
     ids = torch.arange(3, 3 + batch * past).view(batch, past) % model.config.get_text_config().vocab_size
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True, **kwargs)
-    return hf_caches.from_hf(getattr(out, "past_key_values", None) or getattr(out, "cache_params"))
+    return hf_caches.from_hf(architectures.output_cache(out))
 
 
 def _decoder_inputs(model, plan):
@@ -353,7 +353,7 @@ def _decoder_inputs(model, plan):
     mask[1, :2] = 0
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     layers = _example_cache(model, batch, past, attention_mask=mask[:, :past], position_ids=positions[:, :past],
-                            past_key_values=DynamicCache(config=model.config))
+                            **{architectures.cache_keyword(model): DynamicCache(config=model.config)})
     ids = torch.full((batch, sequence), 5, dtype=torch.long)
     pasts = [(layer.keys, layer.values) for layer in layers]
     dyn = torch.export.Dim.DYNAMIC  # named dimensions fail on these models; DYNAMIC lets export relate them

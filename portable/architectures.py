@@ -8,7 +8,7 @@ path with behaviour read off its forward signature.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,8 @@ class Architecture:
     name: str
     model_type: str
     cache_kinds: tuple[str, ...]  # the layer kinds its cache holds
-    cache_arg: str = "past_key_values"  # the forward's keyword for the cache object
+    cache_arg: str = "past_key_values"  # the forward's keyword for the cache object (for_model reads the installed
+                                        # transformers' name off the signature: see cache_keyword)
     uses_positions: bool = True  # the forward takes position_ids
     mask_during_decode: bool = True  # generate() passes the 2-d attention mask on decode steps
     llama_family: bool = False  # served by our own fused decode forward on GPU (backends/llama_fast.py)
@@ -36,15 +37,31 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
 )}
 
 
+def cache_keyword(model, default: str = "past_key_values") -> str:
+    """The forward's keyword for the cache object. transformers 5.24 renamed `past_key_values` (and Mamba's
+    `cache_params`) to `cache`, deprecating the old names until 5.40; we support both sides of the rename."""
+    params = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "cache_params", "past_key_values") if name in params), default)
+
+
+def output_cache(out):
+    """The cache object of a forward's output, under either side of the rename (`cache`; `past_key_values` or
+    `cache_params` before 5.24)."""
+    for name in ("cache", "past_key_values", "cache_params"):
+        value = getattr(out, name, None)
+        if value is not None:
+            return value
+    return None
+
+
 def for_model(model) -> Architecture:
     """The entry for a loaded model; unknown model types get one derived from the forward's signature."""
     model_type = model.config.model_type
     for arch in ARCHITECTURES.values():
         if arch.model_type == model_type:
-            return arch
+            return replace(arch, cache_arg=cache_keyword(model, arch.cache_arg))
     params = inspect.signature(model.forward).parameters
     return Architecture(
-        name=model_type, model_type=model_type, cache_kinds=(),
-        cache_arg="cache_params" if "cache_params" in params else "past_key_values",
+        name=model_type, model_type=model_type, cache_kinds=(), cache_arg=cache_keyword(model),
         uses_positions="position_ids" in params, onnx_export=False,
     )

@@ -45,3 +45,23 @@ def test_file_round_trip_matches_generate(name, tiny_model, tmp_path):
     assert report["tokens"] == expected
     loaded = load_cache(cache)
     assert set(loaded.kinds()) == set(ARCHITECTURES[name].cache_kinds)
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_forward_calls_use_the_installed_transformers_cache_keyword(name, tiny_model):
+    """transformers 5.24 renamed the forward's cache keyword (`past_key_values` / `cache_params` -> `cache`) and
+    removes the old names in 5.40: our calls must not lean on the deprecated ones, whichever version is installed."""
+    import warnings
+
+    from backends.hf_torch import HFRunner
+    from portable import models
+
+    loaded = models.load(models.resolve(str(tiny_model(name))), precision="fp32", device="cpu")
+    runner = HFRunner(loaded, backend="cpu", precision="fp32", device=torch.device("cpu"))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(past_key_values|cache_params).*deprecated", category=FutureWarning)
+        cache = runner.prefill(ids, torch.ones_like(ids))
+        runner.start(cache, 2)
+        logits = runner.decode_step(cache.next_token_logits.argmax(-1))
+    assert cache.layers and logits.shape[-1] == loaded.config.vocab_size
