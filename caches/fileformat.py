@@ -2,9 +2,11 @@
 
 The file is a standard safetensors file (8-byte little-endian header length, JSON header, tensor bytes), so the
 `safetensors` library and any other reader open it. We write and read it ourselves for three reasons: the CRC-32 of
-the tensor payload is stored in the header and computed while the bytes stream past (no second pass); the write is
-atomic (temporary file in the same folder, fsync, rename); and every way a header can be wrong becomes a
-`CacheFileError` naming the problem, never a crash deep inside a parser.
+the tensor payload is stored in the header and computed while the bytes stream past (no second pass), and so is a
+CRC-32 of the header itself (a flipped dtype code such as `I64` -> `F64` keeps every byte range valid and would
+otherwise reinterpret a tensor in silence); the write is atomic (temporary file in the same folder, fsync, rename)
+and the file gets the mode a plain `open()` would give it (0666 less the umask); and every way a header can be wrong
+becomes a `CacheFileError` naming the problem, never a crash deep inside a parser.
 
 Speed (issue 3 asks for >= 70% of the disk's sequential speed; `benchmarks/cache_io.py` measures it): the payload is
 checksummed in 4 MiB chunks on a helper thread while the main thread reads or writes the next ones, with ISA-L's
@@ -16,8 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import struct
-import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
@@ -32,6 +34,9 @@ except ImportError:
     from zlib import crc32 as _crc32
 
 CHECKSUM_KEY = "payload_crc32"
+# CRC-32 of the header's JSON bytes (padding included) with this key's own eight digits read as "00000000". Files
+# without it still load here: whether it is required is the caller's call (caches/store.py: when `checksums` lists it).
+HEADER_CHECKSUM_KEY = "header_crc32"
 MAX_HEADER_BYTES = 100 * 2**20
 _CHUNK = 4 * 2**20  # read and checksum granularity: a 12 MB cache still overlaps its reading and its checksum
 
@@ -89,11 +94,44 @@ def _write_all(f, view: memoryview) -> None:
         view = view[f.write(view):]
 
 
+def create_temp(path: Path) -> tuple[int, Path]:
+    """Create a new temporary file next to `path` for an atomic replace: (fd, temporary path).
+
+    Unlike `tempfile.mkstemp` (always 0600) the file is created with mode 0666 and the kernel applies the umask, so the
+    renamed file has the mode any other new file of the user would have; no racy `os.umask()` query is needed.
+    """
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def _stamp(raw: bytes, key: str, value: int) -> bytes:
+    """`raw` with the eight digits after `"key":"` (its last occurrence) set to `value` in hex."""
+    at = raw.rindex(f'"{key}":"'.encode()) + len(key) + 4
+    return raw[:at] + f"{value:08x}".encode() + raw[at + 8:]
+
+
+def header_matches(raw: bytes, recorded: object) -> bool:
+    """Whether header bytes `raw`, whose `header_crc32` holds `recorded`, have that CRC-32 (its digits read as 0)."""
+    if not isinstance(recorded, str) or len(recorded) != 8:
+        return False
+    field = f'"{HEADER_CHECKSUM_KEY}":"{recorded}"'.encode()
+    at = raw.rfind(field)
+    if at < 0:
+        return False
+    zeroed = raw[:at] + f'"{HEADER_CHECKSUM_KEY}":"00000000"'.encode() + raw[at + len(field):]
+    return f"{_crc32(zeroed):08x}" == recorded
+
+
 def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
     """Write `tensors` and string `metadata` to `path` atomically; returns the file size in bytes.
 
-    The payload CRC-32 is added to the metadata under `payload_crc32`: the header goes out with eight placeholder
-    digits, the payload is written while a helper thread checksums it, and the digits are filled in before the fsync.
+    The payload CRC-32 is added to the metadata under `payload_crc32` and the header's under `header_crc32`: the header
+    goes out with placeholder digits, the payload is written while a helper thread checksums it, and the header is
+    written again with both checksums filled in before the fsync.
     """
     views, header, offset = {}, {}, 0
     # Widest dtypes first: every tensor then starts at a multiple of its own element size, so a reader can view the
@@ -105,25 +143,27 @@ def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
         header[name] = {"dtype": DTYPE_CODES[t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + len(views[name])]}
         offset += len(views[name])
-    metadata = {k: v for k, v in metadata.items() if k != CHECKSUM_KEY}
-    header["__metadata__"] = {**metadata, CHECKSUM_KEY: "0" * 8}  # last key of the last entry: found by rindex below
+    metadata = {k: v for k, v in metadata.items() if k not in (CHECKSUM_KEY, HEADER_CHECKSUM_KEY)}
+    # The last keys of the last entry, found by _stamp's rindex (inside the `portable` JSON string quotes are escaped).
+    header["__metadata__"] = {**metadata, CHECKSUM_KEY: "0" * 8, HEADER_CHECKSUM_KEY: "0" * 8}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors aligns the payload to 8 bytes
-    crc_at = 8 + raw.rindex(f'"{CHECKSUM_KEY}":"00000000"'.encode()) + len(CHECKSUM_KEY) + 4
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _Checksum() as checksum:
         for chunk in _chunks(views.values()):
             checksum.feed(chunk)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = create_temp(path)
         try:
             with os.fdopen(fd, "wb", buffering=0) as f:
                 _write_all(f, memoryview(struct.pack("<Q", len(raw)) + raw))
                 for chunk in _chunks(views.values()):
                     _write_all(f, chunk)
-                f.seek(crc_at)
-                _write_all(f, memoryview(f"{checksum.value():08x}".encode()))
+                raw = _stamp(raw, CHECKSUM_KEY, checksum.value())
+                raw = _stamp(raw, HEADER_CHECKSUM_KEY, _crc32(raw))
+                f.seek(8)
+                _write_all(f, memoryview(raw))
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
@@ -132,8 +172,11 @@ def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     return 8 + len(raw) + offset
 
 
-def read_header(path: Path) -> tuple[dict, int, int]:
-    """Parse and check the header of `path`: returns (header, payload start, file size)."""
+def read_header(path: Path, strict: bool = True) -> tuple[dict, int, int]:
+    """Parse and check the header of `path`: returns (header, payload start, file size).
+
+    `strict=False` (for `cache inspect` of a damaged file) only parses it: no header checksum, no byte-range checks.
+    """
     path = Path(path)
     if not path.exists():
         raise CacheFileError(f"cache file {path} does not exist")
@@ -158,7 +201,13 @@ def read_header(path: Path) -> tuple[dict, int, int]:
         raise CacheFileError(f"{path} has a corrupt header (not valid JSON: {e})") from e
     if not isinstance(header, dict):
         raise CacheFileError(f"{path} has a corrupt header (not a JSON object)")
-    _check_entries(path, header, size - 8 - n)
+    if strict:
+        meta = header.get("__metadata__")
+        recorded = meta.get(HEADER_CHECKSUM_KEY) if isinstance(meta, dict) else None
+        if recorded is not None and not header_matches(raw, recorded):
+            raise CacheFileError(f"{path} has a corrupt header: header checksum does not match the recorded "
+                                 f"{recorded!r} (the file was modified or damaged after it was written)")
+        _check_entries(path, header, size - 8 - n)
     return header, 8 + n, size
 
 

@@ -49,8 +49,45 @@ def from_kind(layer) -> str:
     return AttentionLayer.kind
 
 
+def expected_dims(config) -> dict[str, dict[str, int | None]]:
+    """Per layer kind, the sizes of the non-batch, non-sequence axes that a model with `config` caches:
+    attention {kv_heads, head_dim} of `[batch, kv_heads, seq, head_dim]`; recurrent {channels, conv_kernel,
+    state_size} of `[batch, channels, conv_kernel]` and `[batch, channels, state_size]`. None: not in the config."""
+    text = config.get_text_config(decoder=True)
+    heads = getattr(text, "num_attention_heads", None)
+    hidden = getattr(text, "hidden_size", None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads  # GPTBigCode's multi_query maps it to 1
+    head_dim = getattr(text, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    attention = {"kv_heads": kv_heads, "head_dim": head_dim}
+    return {AttentionLayer.kind: attention, SlidingWindowLayer.kind: attention,
+            RecurrentLayer.kind: {"channels": getattr(text, "intermediate_size", None),
+                                  "conv_kernel": getattr(text, "conv_kernel", None),
+                                  "state_size": getattr(text, "state_size", None)}}
+
+
+def check_shapes(cache: PromptCache, config) -> None:
+    """Refuse a cache whose per-layer tensor sizes are not those of a model with `config` (kv heads, head_dim, Mamba's
+    channels, conv kernel and state size): otherwise decode fails deep inside attention, or worse, runs."""
+    dims = expected_dims(config)
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, RecurrentLayer):
+            got = {"channels": layer.conv_state.shape[1], "conv_kernel": layer.conv_state.shape[2],
+                   "state_size": layer.recurrent_state.shape[2]}
+            layout = f"conv_state {tuple(layer.conv_state.shape)}, recurrent_state {tuple(layer.recurrent_state.shape)}"
+        else:
+            got = {"kv_heads": layer.keys.shape[1], "head_dim": layer.keys.shape[3]}
+            layout = f"keys {tuple(layer.keys.shape)} {layer.layouts['keys']}"
+        want = dims[layer.kind]
+        wrong = [f"{name} {got[name]} (the model's {want[name]})" for name in got
+                 if want.get(name) is not None and got[name] != want[name]]
+        if wrong:
+            raise CacheFileError(f"layer {i} ({layer.kind}) of the cache has {', '.join(wrong)}: {layout} does not "
+                                 f"fit this model; prefill again with it")
+
+
 def check_compatible(cache: PromptCache, config) -> None:
-    """Refuse a cache whose layer structure cannot belong to a model with `config` (no --force for this)."""
+    """Refuse a cache whose layer structure or tensor sizes cannot belong to a model with `config` (no --force for
+    this): layer count, vocabulary, per-layer kinds and sliding windows, then `check_shapes`."""
     kinds = _expected_kinds(config)
     if len(kinds) != len(cache.layers):
         raise CacheFileError(f"the cache has {len(cache.layers)} layers but the model has {len(kinds)}")
@@ -67,6 +104,7 @@ def check_compatible(cache: PromptCache, config) -> None:
             window = template.layers[i].sliding_window
             if layer.window != window:
                 raise CacheFileError(f"layer {i}: the cache's sliding window is {layer.window}, the model's {window}")
+    check_shapes(cache, config)
 
 
 def to_hf(layers: list[LayerState], config) -> DynamicCache:

@@ -22,6 +22,7 @@ import torch
 from portable.errors import CacheFileError
 
 KV_LAYOUT = "[batch, kv_heads, seq, head_dim]"
+SLIDING_LAYOUT = "[batch, kv_heads, kept, head_dim]"
 
 
 @dataclass
@@ -33,6 +34,7 @@ class AttentionLayer:
 
     kind: ClassVar[str] = "full_attention"
     tensor_names: ClassVar[tuple[str, ...]] = ("keys", "values")
+    layouts: ClassVar[dict[str, str]] = {"keys": KV_LAYOUT, "values": KV_LAYOUT}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.tensor_names}
@@ -81,6 +83,7 @@ class SlidingWindowLayer(AttentionLayer):
     cumulative_length: int = 0
 
     kind: ClassVar[str] = "sliding_attention"
+    layouts: ClassVar[dict[str, str]] = {"keys": SLIDING_LAYOUT, "values": SLIDING_LAYOUT}
 
     def meta(self) -> dict:
         return {"kind": self.kind, "window": self.window, "cumulative_length": self.cumulative_length}
@@ -113,6 +116,8 @@ class RecurrentLayer:
 
     kind: ClassVar[str] = "recurrent"
     tensor_names: ClassVar[tuple[str, ...]] = ("conv_state", "recurrent_state")
+    layouts: ClassVar[dict[str, str]] = {"conv_state": "[batch, channels, conv_kernel]",
+                                         "recurrent_state": "[batch, channels, state_size]"}
 
     tensors = AttentionLayer.tensors
     map_tensors = AttentionLayer.map_tensors

@@ -12,11 +12,14 @@ One `.safetensors` file. Tensor names (stable; documented in caches/README.md):
     layers.{i}.conv_state      [batch, channels, conv_kernel]     recurrent layers
     layers.{i}.recurrent_state [batch, channels, state_size]      recurrent layers
 
-The safetensors metadata holds `portable` (a JSON document, below) and `payload_crc32`. Loading checks, in order:
-the header parses and its byte ranges fit the file; the metadata says this is a portable cache of a known format
-version (older versions go through `MIGRATIONS`, newer ones are refused naming both versions); the payload
-checksum; every tensor the metadata promises is present with a consistent shape. Any failure is a
-`CacheFileError` with one line saying what is wrong.
+The safetensors metadata holds `portable` (a JSON document, below), `payload_crc32` and `header_crc32`. Loading
+checks, in order: the header parses, its checksum matches (files written before it existed have none, and say so by
+not listing it in `checksums`) and its byte ranges fit the file; the metadata says this is a portable cache of a
+known format version (older versions go through `MIGRATIONS`, newer ones are refused naming both versions); the
+payload checksum; every tensor the metadata promises is present with a consistent shape and the dtype the metadata
+implies; the attention mask agrees with the recorded lengths, positions and padding side. Any failure is a
+`CacheFileError` with one line saying what is wrong. Shapes against a model's config (kv heads, head_dim, Mamba's
+sizes) are checked where the model is known: `caches.hf.check_compatible`.
 """
 
 from __future__ import annotations
@@ -39,9 +42,17 @@ FORMAT_NAME = "portable-kv-cache"
 FORMAT_VERSION = 1
 META_KEY = "portable"
 STORAGE = {"native": "native", "int8": "int8-per-token"}
+# Mamba keeps its SSM state in float32 whatever the model's dtype (transformers' MambaMixer), so a bf16 cache holds a
+# float32 `recurrent_state` next to a bf16 `conv_state`.
+_FLOAT32_ALLOWED = {"recurrent_state"}
+
+# The checksums a file carries are listed in its metadata (`checksums`), so that damage to a checksum's own key cannot
+# make the file pass for one written before that checksum existed (those, without `header_crc32`, still load).
+CHECKSUMS = [fileformat.CHECKSUM_KEY, fileformat.HEADER_CHECKSUM_KEY]
 
 # MIGRATIONS[v] turns (metadata, tensors) of format version v into version v + 1. Version 1 is the first format;
-# when the layout changes, bump FORMAT_VERSION and add the step from the old version here.
+# when the layout changes, bump FORMAT_VERSION and add the step from the old version here. Additions that older
+# readers can ignore (the header checksum, `checksums`, `layouts`) keep the version.
 Migration = Callable[[dict, dict[str, torch.Tensor]], tuple[dict, dict[str, torch.Tensor]]]
 MIGRATIONS: dict[int, Migration] = {}
 
@@ -78,6 +89,8 @@ def save_cache(cache: PromptCache, path: Path, storage: str = "native") -> dict:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": cache.model,
         "layout": KV_LAYOUT,
+        "layouts": {layer.kind: dict(layer.layouts) for layer in cache.layers},
+        "checksums": CHECKSUMS,
         "dtype": _dtype_name(cache.dtype),
         "storage": STORAGE[storage],
         "batch": cache.batch,
@@ -93,16 +106,20 @@ def save_cache(cache: PromptCache, path: Path, storage: str = "native") -> dict:
     return {"path": str(path), "bytes": nbytes, "seconds": time.perf_counter() - start}
 
 
-def read_metadata(path: Path) -> dict:
-    """The `portable` metadata of a cache file, after checking the header and the format version (no payload read)."""
-    header, _, size = fileformat.read_header(path)
-    meta = _parse_meta(Path(path), header.get("__metadata__", {}))
+def read_metadata(path: Path, strict: bool = True) -> dict:
+    """The `portable` metadata of a cache file, after checking the header and the format version (no payload read).
+
+    `strict=False` (for `cache inspect`) only needs the metadata to parse: no header checksum or byte-range checks,
+    and a newer format version is read as far as it goes.
+    """
+    header, _, size = fileformat.read_header(path, strict=strict)
+    meta = _parse_meta(Path(path), header.get("__metadata__", {}), strict=strict)
     meta["_file_bytes"] = size
     meta["_tensors"] = {k: v for k, v in header.items() if k != "__metadata__"}
     return meta
 
 
-def _parse_meta(path: Path, raw: dict) -> dict:
+def _parse_meta(path: Path, raw: dict, strict: bool = True) -> dict:
     if META_KEY not in raw:
         raise CacheFileError(f"{path} is a safetensors file but not a portable cache (no '{META_KEY}' metadata)")
     try:
@@ -114,9 +131,16 @@ def _parse_meta(path: Path, raw: dict) -> dict:
     version = meta.get("version")
     if not isinstance(version, int):
         raise CacheFileError(f"{path} has no valid format version")
-    if version > FORMAT_VERSION:
+    if version > FORMAT_VERSION and strict:
         raise CacheFileError(f"{path} uses cache format version {version}, newer than the version {FORMAT_VERSION} "
                              f"this portable {__version__} reads; upgrade portable")
+    listed = meta.get("checksums", [])
+    if not isinstance(listed, list) or not all(isinstance(key, str) for key in listed):
+        raise CacheFileError(f"{path} has corrupt cache metadata (checksums is {listed!r})")
+    missing = [key for key in listed if key not in raw]
+    if missing and strict:
+        raise CacheFileError(f"{path} lacks the checksum {', '.join(map(str, missing))} its metadata lists: the header "
+                             f"was damaged or rewritten by another tool")
     return meta
 
 
@@ -131,6 +155,31 @@ def _migrate(path: Path, meta: dict, tensors: dict) -> tuple[dict, dict]:
         version += 1
         meta["version"] = version
     return meta, tensors
+
+
+def _check_dtype(path: Path, name: str, t: torch.Tensor, *allowed: torch.dtype) -> None:
+    if t.dtype not in allowed:
+        names = " or ".join(_dtype_name(d) for d in dict.fromkeys(allowed))
+        raise CacheFileError(f"{path}: tensor {name!r} is {_dtype_name(t.dtype)} "
+                             f"({fileformat.DTYPE_CODES[t.dtype]}), expected {names}")
+
+
+def _check_lengths(path: Path, meta: dict, mask: torch.Tensor, padding_side: str) -> None:
+    """The attention mask is 0/1, every row has a token, and it agrees with the recorded `prompt_lengths` and
+    `positions` (so neither can be wrong in silence); a left-padded row is zeros then ones (right padding is checked
+    where it is converted, `right_to_left_padding`)."""
+    if ((mask != 0) & (mask != 1)).any():
+        raise CacheFileError(f"{path}: attention_mask holds values other than 0 and 1")
+    lengths = mask.sum(-1).tolist()
+    for what in ("prompt_lengths", "positions"):
+        if what in meta and meta[what] != lengths:
+            raise CacheFileError(f"{path}: the metadata's {what} {meta[what]} do not match the attention mask's "
+                                 f"lengths {lengths}")
+    seq = mask.shape[1]
+    for b, n in enumerate(lengths):
+        if n < 1 or (padding_side == "left" and not bool(mask[b, seq - n:].all())):
+            raise CacheFileError(f"{path}: row {b} of the attention mask is not a left-padded prompt of at least one "
+                                 f"token")
 
 
 def _require(path: Path, tensors: dict, name: str, ndim: int) -> torch.Tensor:
@@ -165,6 +214,12 @@ def load_cache(path: Path, dtype: torch.dtype | None = None, device: str | torch
         raise CacheFileError(f"{path} has incomplete cache metadata (missing {e})") from e
     if storage not in STORAGE.values():
         raise CacheFileError(f"{path} uses unknown storage {storage!r}")
+    if padding_side not in ("left", "right"):
+        raise CacheFileError(f"{path}: unknown padding side {padding_side!r}")
+    stored = meta.get("dtype", "float32")
+    cache_dtype = getattr(torch, stored, None) if isinstance(stored, str) else None
+    if not isinstance(cache_dtype, torch.dtype) or not cache_dtype.is_floating_point:
+        raise CacheFileError(f"{path}: the metadata's cache dtype {stored!r} is not a floating-point dtype")
 
     input_ids = _require(path, tensors, "input_ids", 2)
     mask = _require(path, tensors, "attention_mask", 2)
@@ -172,6 +227,13 @@ def load_cache(path: Path, dtype: torch.dtype | None = None, device: str | torch
     if tuple(input_ids.shape) != (batch, seq) or tuple(mask.shape) != (batch, seq) or logits.shape[0] != batch:
         raise CacheFileError(f"{path}: input_ids {tuple(input_ids.shape)}, attention_mask {tuple(mask.shape)} and "
                              f"next_token_logits {tuple(logits.shape)} do not match batch {batch} x {seq} tokens")
+    _check_dtype(path, "input_ids", input_ids, torch.int64)
+    _check_dtype(path, "attention_mask", mask, torch.int64)
+    _check_dtype(path, "next_token_logits", logits, torch.float32)
+    _check_lengths(path, meta, mask, padding_side)
+    real_ids = input_ids[mask.bool()]
+    if real_ids.numel() and (real_ids.min() < 0 or real_ids.max() >= logits.shape[1]):
+        raise CacheFileError(f"{path}: input_ids hold token ids outside the vocabulary of {logits.shape[1]} tokens")
 
     layers = []
     for i, lm in enumerate(layer_meta):
@@ -186,7 +248,12 @@ def load_cache(path: Path, dtype: torch.dtype | None = None, device: str | torch
                 scale = _require(path, tensors, f"{key}_scale", 4)
                 if t.dtype != torch.int8 or scale.shape != (*t.shape[:-1], 1):
                     raise CacheFileError(f"{path}: {key} is not int8 with per-token scales {tuple(t.shape[:-1])}+(1,)")
+                _check_dtype(path, f"{key}_scale", scale, torch.float32)
                 t = quant.dequantize_per_token(t, scale)
+            elif name in _FLOAT32_ALLOWED:
+                _check_dtype(path, key, t, cache_dtype, torch.float32)
+            else:
+                _check_dtype(path, key, t, cache_dtype)
             parts[name] = t
         layer = cls.from_file(parts, lm)
         layer.validate(i, batch, seq)
@@ -204,10 +271,7 @@ def load_cache(path: Path, dtype: torch.dtype | None = None, device: str | torch
                         padding_side=padding_side)
     if padding_side == "right":
         cache = right_to_left_padding(cache, path)
-    elif padding_side != "left":
-        raise CacheFileError(f"{path}: unknown padding side {padding_side!r}")
 
-    stored = meta.get("dtype", _dtype_name(cache.dtype))
     cast = None
     if dtype is not None and layers and cache.dtype != dtype:
         cast = f"{stored} -> {_dtype_name(dtype)}"

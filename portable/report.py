@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from portable.metrics import PhaseMetrics
 from portable.parity import ParityResult
+from caches.fileformat import create_temp
 
 
 @dataclass
@@ -71,7 +71,7 @@ def write_json(report, path: Path) -> None:
     """Write the report as JSON atomically (a half-written report never replaces a good one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = create_temp(path)  # the usual file mode (mkstemp's is 0600)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(to_dict(report), f, indent=1)

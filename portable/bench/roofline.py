@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from caches import PromptCache, RecurrentLayer, SlidingWindowLayer
+from caches.fileformat import create_temp
 
 PEAK_FILE = "bench_bandwidth.json"
 
@@ -105,7 +105,7 @@ def remember_peak(key: str, gbps: float, method: str) -> Path:
     data = _read()
     data[key] = {"gbps": gbps, "method": method,
                  "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    fd, tmp = tempfile.mkstemp(prefix=f".{PEAK_FILE}.", dir=folder)
+    fd, tmp = create_temp(folder / PEAK_FILE)
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=1)
     os.replace(tmp, folder / PEAK_FILE)

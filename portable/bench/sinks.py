@@ -13,12 +13,12 @@ import csv
 import io
 import json
 import os
-import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
 
 from portable.bench.result import Result
 from portable.errors import PortableError
+from caches.fileformat import create_temp
 
 FORMATS = ("md", "csv", "json", "jsonl")
 NOISY = 0.1  # a relative stdev of t/s above this is flagged in the md notes
@@ -61,7 +61,7 @@ def write(text: str, path: Path) -> None:
     """Write atomically: a half-written file never replaces a good one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = create_temp(path)  # the usual file mode (mkstemp's is 0600)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
