@@ -15,8 +15,8 @@ import typer
 
 from portable.cli_options import (ArtifactDir, Attn, Backend, CachePath, Debug, Device, IgnoreEos, JsonOut,
                                   Kernels, MaxNew, Model, OrtProvider, Precision, Quiet, Rebuild, RepPenalty, Seed,
-                                  Stop, Temperature, TopK, TopP, check_choice, command, read_prompts,
-                                  split_list)
+                                  Stop, Temperature, TopK, TopP, artifact_times, check_choice, command, ort_only,
+                                  read_prompts, split_list)
 from portable.config import (ALL_PRECISIONS, ATTENTION, CACHE_STORAGE, DEFAULT_CACHE, KERNELS, PRECISIONS, RunConfig,
                              SamplingConfig)
 
@@ -40,6 +40,9 @@ def prefill(
     attn: Attn = "sdpa",
     cache_storage: Annotated[str, typer.Option(
         "--cache-storage", help="native, or int8 (keys/values with per-token scales: ~4x smaller than fp32).")] = "native",
+    ort_provider: OrtProvider = None,
+    rebuild: Rebuild = False,
+    artifact_dir: ArtifactDir = None,
     json_path: JsonOut = None,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -53,7 +56,9 @@ def prefill(
 
     config = RunConfig(model=model, prompts=read_prompts(prompt), batch=batch, cache_path=out, backend=backend,
                        precision=precision, device=device, attn=check_choice(attn, ATTENTION, "attention"),
-                       cache_storage=check_choice(cache_storage, CACHE_STORAGE, "cache storage"), quiet=quiet)
+                       cache_storage=check_choice(cache_storage, CACHE_STORAGE, "cache storage"),
+                       ort_provider=ort_only(backend, ort_provider), rebuild=rebuild, artifact_dir=artifact_dir,
+                       quiet=quiet)
     report = pipeline.prefill(config)
     c = report.cache
     typer.echo(f"Saved KV cache to {c['path']} ({report.batch} x {c['seq_len']} tokens, {c['layers']} layers "
@@ -61,6 +66,10 @@ def prefill(
                f"{megabytes(c['bytes'])}) in {report.timing.cache_save_s:.2f} s")
     if not quiet:
         typer.echo(f"Prefill ({report.backend} {report.precision}): {report.timing.prefill.line()}")
+        t = report.timing
+        times = artifact_times(t.compile_s, t.save_s, t.load_s, t.artifact_reused)
+        if times:
+            typer.echo(f"Compiled artifact: {times}")
     if json_path:
         write_json(report, json_path)
 
@@ -116,7 +125,8 @@ def decode(
         sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty, seed=seed),
         parity=parity, reference_path=reference, force=force, compile=compile, sync_every=sync_every,
-        ort_provider=ort_provider, rebuild=rebuild, artifact_dir=artifact_dir, json_path=json_path, quiet=quiet)
+        ort_provider=ort_only(backend, ort_provider), rebuild=rebuild, artifact_dir=artifact_dir, json_path=json_path,
+        quiet=quiet)
 
     streamer = None
 
@@ -193,7 +203,9 @@ def reference(
 ):
     """Decode a cache file once on CPU in FP32 and save the tokens and logits as a parity reference.
 
-    `portable decode --reference FILE` then compares against it without decoding on the CPU again.
+    `portable decode --reference FILE` then compares against it without decoding on the CPU again. The file records
+    the sampling, --stop and --ignore-eos settings and the model: decode them the same way (a differing run is
+    refused in one line, since its tokens would end or be drawn differently for reasons that are no bug).
     """
     from caches import load_cache
     from portable import models, pipeline
@@ -295,10 +307,15 @@ def cache_inspect(
     json_out: Annotated[bool, typer.Option("--json", help="Print the metadata as JSON.")] = False,
     debug: Debug = False,
 ):
-    """Print a readable summary of a cache file (the payload checksum is verified too)."""
-    from caches.inspect import summary
+    """Print a readable summary of a cache file (the header and payload checksums are verified too). A file that would
+    not load is still summarised as far as it can be read, after a warning line, and the exit status is 2."""
+    from caches.inspect import inspect_file
+    from portable.errors import CacheFileError
 
-    typer.echo(summary(path, as_json=json_out))
+    text, problem = inspect_file(path, as_json=json_out)
+    typer.echo(text)
+    if problem:
+        raise typer.Exit(CacheFileError.exit_code)
 
 
 def main(argv: list[str] | None = None, prog_name: str = "portable") -> None:
@@ -332,14 +349,13 @@ def export_artifact(
     from portable import export as export_job
     from portable.report import megabytes, write_json
 
-    config = RunConfig(model=model, backend=backend, precision=precision, device=device, ort_provider=ort_provider,
-                       rebuild=rebuild, artifact_dir=artifact_dir, quiet=quiet)
+    config = RunConfig(model=model, backend=backend, precision=precision, device=device,
+                       ort_provider=ort_only(backend, ort_provider), rebuild=rebuild, artifact_dir=artifact_dir,
+                       quiet=quiet)
     report = export_job.export(config)
     what = f"{report.backend} {report.precision} artifact of {report.model}"
     typer.echo(f"{'Reused the saved' if report.reused else 'Saved'} {what} in {report.artifact} "
                f"({', '.join(report.files)}; {megabytes(report.bytes)})")
-    times = [(name, value) for name, value in (("compile", report.compile_s), ("save", report.save_s),
-                                               ("load", report.load_s)) if value is not None]
-    typer.echo(" | ".join(f"{name} {value:.2f} s" for name, value in times))
+    typer.echo(artifact_times(report.compile_s, report.save_s, report.load_s, report.reused))
     if json_path:
         write_json(report, json_path)

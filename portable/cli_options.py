@@ -78,6 +78,24 @@ def check_choice(value: str, choices, what: str) -> str:
     return value
 
 
+def ort_only(backend: str, ort_provider: str | None) -> str | None:
+    """--ort-provider means nothing to the other backends: refuse it rather than ignore it."""
+    if ort_provider is not None and backend != "onnxruntime":
+        raise PortableError(f"--ort-provider applies to --backend onnxruntime only, not {backend!r}; leave it out "
+                            f"or add --backend onnxruntime")
+    return ort_provider
+
+
+def artifact_times(compile_s: float | None, save_s: float | None, load_s: float | None,
+                   reused: bool | None) -> str | None:
+    """"compile X s | save Y s | load Z s" for a compiled artifact; a reused one says that it skipped the first two."""
+    if reused and compile_s is None and load_s is not None:
+        return f"load {load_s:.2f} s | compile and save not run (saved artifact reused; --rebuild builds it again)"
+    times = [(name, value) for name, value in (("compile", compile_s), ("save", save_s), ("load", load_s))
+             if value is not None]
+    return " | ".join(f"{name} {value:.2f} s" for name, value in times) or None
+
+
 def read_prompts(prompts: list[str] | None) -> tuple[str, ...]:
     if not prompts:
         return (DEFAULT_PROMPT,)

@@ -5,17 +5,23 @@ a hub id (resolved through the local Hugging Face cache, and downloaded only whe
 `preset:NAME` (a published config with random weights, for speed work; see portable/presets.py).
 
 A model's identity is recorded in every cache file so that decode can refuse a cache from another model. The
-fingerprint is cheap to recompute: the config plus each weight file's size, its safetensors header (names, shapes,
-dtypes) and 64 evenly spaced 4 KiB samples of its bytes. It tells apart different checkpoints and re-saved ones; it
-is not meant to catch a hand edit of a few weights.
+fingerprint covers the config and every byte of every weight file (the safetensors header with names, shapes and
+dtypes, then each value as stored): one changed weight changes it. It is read from the files, never from the loaded
+tensors, so it is the same on every device and at every load precision. It stays cheap by hashing the files in
+16 MiB pieces on all cores (SHA-256 releases the GIL): 17 ms for the embedded model's 18 MB; for 2.5 GB (a 1B
+model in bf16) in the page cache, where model loading has just put them, 1.2 s on 2 cores and 0.21 s on 16 (2.7 s
+in one thread); reading cold files is bounded by the disk. Caches written before this scheme hold a sampled fingerprint
+(prefix `sha256:`, 64 windows of 4 KiB) that cannot be compared with this one: decode says so (`older_fingerprint`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,27 +97,37 @@ def _config_digest(path: Path) -> bytes:
     return json.dumps(kept, sort_keys=True).encode()
 
 
-def _file_samples(file: Path, samples: int = 64, window: int = 4096) -> bytes:
+_PIECE = 16 << 20  # bytes hashed per task
+
+
+def _file_digest(file: Path) -> bytes:
+    """SHA-256 of each 16 MiB piece of the file, in file order (a two-level hash that spreads over the cores)."""
     size = file.stat().st_size
-    out = [str(size).encode()]
-    with open(file, "rb") as f:
-        if file.suffix == ".safetensors":
-            n = int.from_bytes(f.read(8), "little")
-            out.append(f.read(min(n, 2**24)))
-        for i in range(samples):
-            f.seek(max(0, (size - window) * i // max(1, samples - 1)))
-            out.append(f.read(window))
-    return b"".join(out)
+    if size == 0:
+        return hashlib.sha256().digest()
+    with open(file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        def piece(start: int) -> bytes:
+            with memoryview(data)[start:start + _PIECE] as view:
+                return hashlib.sha256(view).digest()
+
+        starts = range(0, size, _PIECE)
+        with ThreadPoolExecutor(min(len(starts), os.cpu_count() or 1)) as pool:
+            return b"".join(pool.map(piece, starts))
 
 
 def fingerprint(path: Path) -> str:
-    """Config + sampled weight bytes of a model folder (see module docstring)."""
+    """Config + the full content of every weight file of a model folder (see module docstring)."""
     h = hashlib.sha256(_config_digest(path))
     weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     for file in weights:
-        h.update(file.name.encode())
-        h.update(_file_samples(file))
-    return "sha256:" + h.hexdigest()[:32]
+        h.update(f"{file.name}:{file.stat().st_size}".encode())
+        h.update(_file_digest(file))
+    return "sha256-full:" + h.hexdigest()[:32]
+
+
+def older_fingerprint(value: str | None) -> bool:
+    """A fingerprint of the sampled scheme (prefix `sha256:`) that caches written before full hashing hold."""
+    return bool(value) and value.startswith("sha256:")
 
 
 def tokenizer_fingerprint(path: Path | None) -> str | None:

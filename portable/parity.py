@@ -7,19 +7,28 @@ comparisons:
 2. Teacher forced: the candidate is fed the reference's tokens and its next-token distributions are compared at
    every step: agreement of the picked token, KL(reference || candidate), max |delta logit|, and at every
    disagreement the reference's *decision margin* (greedy: top-1 minus top-2 logit; sampled: how far the seeded
-   draw lay from the edge of the reference token's slice of the CDF, in probability).
+   draw lay from the nearest edge of the reference token's slice of the id-ordered CDF, in probability: see
+   `portable.sampling`).
 3. The verdict:
    - `exact`: the free-running tokens are identical.
    - fp32 candidates must be exact: anything else is `diverged`.
+   - `diverged` when a sequence's free-running tokens differ from step f on but teacher forcing shows no
+     disagreement in that sequence at or before f: up to f the candidate saw the same tokens in both runs, so its
+     pick at f must differ there too (same logits, same draw); if it does not, the runs are inconsistent
+     (nondeterminism, or other settings).
    - `within-precision`: every teacher-forced disagreement sits at a reference margin below the tolerance tau.
    - `diverged`: some disagreement sits where the reference was confident (margin >= tau): likely a bug.
 
 How tau is derived: the reference model itself (pristine Hugging Face weights and code, on the CPU) is run at the
-candidate's precision, teacher forced on the same tokens, and at every step we measure how far its decision margin
-moved from the FP32 one (greedy: |delta(top1 - top2)| on the reference's top two tokens; sampled: the largest
-|delta CDF|). tau = 3 x the 95th percentile of those errors: the margin flips this precision produces on this model
-and prompt without any bug. Because tau comes from the pristine model, a broken candidate cannot widen its own
-tolerance.
+candidate's precision, teacher forced on the same tokens, and at every step we measure how far its decision quantity
+moved from the FP32 one (greedy: |delta(top1 - top2)| on the reference's top two tokens; sampled: how far the edges
+of the reference token's slice moved, max(|delta lo|, |delta hi|), each side with its own top-k / top-p candidates).
+A flip needs a margin below that step's error (sampled: a draw inside the reference slice but outside the moved one
+lies closer to an edge than the edge moved), so the largest error bounds every flip of the pristine model at this
+precision on these tokens; other kernels at the same precision err on the same scale but not at the same steps, so
+tau = max(3 x the 95th percentile of the errors, the largest error). The maximum matters where the errors are
+heavy-tailed: with top-p a token entering or leaving the nucleus moves the edges by its whole probability. Because
+tau comes from the pristine model, a broken candidate cannot widen its own tolerance.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from pathlib import Path
 import torch
 
 from caches import fileformat
-from portable.config import SamplingConfig
+from portable.config import RunConfig, SamplingConfig
 from portable.errors import PortableError
 from portable.generation import DecodeResult
 from portable.sampling import Sampler
@@ -52,10 +61,11 @@ class Reference:
     max_new_tokens: int
     cache_checksum: str | None
     model_fingerprint: str | None
+    stopping: dict | None = None  # {"stop": [...], "ignore_eos": bool}; None in files from before version 2
 
     def save(self, path: Path) -> None:
-        meta = {"format": REFERENCE_FORMAT, "version": 1, "tokens": self.tokens, "finish_reasons": self.finish_reasons,
-                "sampling": self.sampling, "max_new_tokens": self.max_new_tokens,
+        meta = {"format": REFERENCE_FORMAT, "version": 2, "tokens": self.tokens, "finish_reasons": self.finish_reasons,
+                "sampling": self.sampling, "max_new_tokens": self.max_new_tokens, "stopping": self.stopping,
                 "cache_checksum": self.cache_checksum, "model_fingerprint": self.model_fingerprint}
         fileformat.write(path, {"logits": self.logits.contiguous()}, {"portable": json.dumps(meta)})
 
@@ -71,27 +81,51 @@ class Reference:
                 raise KeyError("format")
             return cls(tokens=meta["tokens"], finish_reasons=meta["finish_reasons"], logits=tensors["logits"],
                        sampling=meta["sampling"], max_new_tokens=meta["max_new_tokens"],
-                       cache_checksum=meta.get("cache_checksum"), model_fingerprint=meta.get("model_fingerprint"))
+                       cache_checksum=meta.get("cache_checksum"), model_fingerprint=meta.get("model_fingerprint"),
+                       stopping=meta.get("stopping"))
         except (KeyError, json.JSONDecodeError) as e:
             raise PortableError(f"{path} is not a parity reference written by `portable reference`") from e
 
-    def check_matches(self, cache_checksum: str | None, sampling: SamplingConfig, max_new_tokens: int) -> None:
+    def check_matches(self, cache_checksum: str | None, config: RunConfig, model_fingerprint: str | None) -> None:
+        """Refuse a reference decoded from another cache file, model, sampling or stop conditions (its tokens would
+        differ for reasons that are no bug), or one shorter than this run."""
         if self.cache_checksum and cache_checksum and self.cache_checksum != cache_checksum:
             raise PortableError("the reference file was computed from a different cache file")
-        if self.sampling != asdict(sampling):
+        if self.stopping is None:
+            raise PortableError("the reference file does not record its stop conditions (an older format); write it "
+                                "again with `portable reference`")
+        a, b = self.model_fingerprint, model_fingerprint
+        if a and b and a.split(":")[0] == b.split(":")[0] and a != b:  # comparable only within one hashing scheme
+            raise PortableError(f"the reference file was decoded with other model weights ({a}) than the loaded "
+                                f"model ({b})")
+        if self.sampling != asdict(config.sampling):
             raise PortableError(f"the reference file was decoded with sampling {self.sampling}, this run uses "
-                                f"{asdict(sampling)}")
-        if max_new_tokens > self.max_new_tokens:
+                                f"{asdict(config.sampling)}")
+        if self.stopping != stopping(config):
+            raise PortableError(f"the reference file was decoded with {_describe_stopping(self.stopping)}, this run "
+                                f"uses {_describe_stopping(stopping(config))}; write it again with the same --stop "
+                                f"and --ignore-eos")
+        if config.max_new_tokens > self.max_new_tokens:
             raise PortableError(f"the reference file holds {self.max_new_tokens} new tokens; this run asks for "
-                                f"{max_new_tokens}")
+                                f"{config.max_new_tokens}")
 
 
-def reference_from(result: DecodeResult, sampling: SamplingConfig, max_new_tokens: int,
-                   cache_checksum: str | None, model_fingerprint: str | None) -> Reference:
+def stopping(config: RunConfig) -> dict:
+    """The stop conditions a reference records: they decide where its sequences end."""
+    return {"stop": list(config.stop), "ignore_eos": config.ignore_eos}
+
+
+def _describe_stopping(stop: dict) -> str:
+    strings = " ".join(f"--stop {s!r}" for s in stop["stop"]) or "no --stop"
+    return f"{strings} and {'--ignore-eos' if stop['ignore_eos'] else 'EOS stopping'}"
+
+
+def reference_from(result: DecodeResult, config: RunConfig, cache_checksum: str | None,
+                   model_fingerprint: str | None) -> Reference:
     assert result.logits is not None
     return Reference(tokens=result.tokens, finish_reasons=result.finish_reasons, logits=result.logits,
-                     sampling=asdict(sampling), max_new_tokens=max_new_tokens, cache_checksum=cache_checksum,
-                     model_fingerprint=model_fingerprint)
+                     sampling=asdict(config.sampling), max_new_tokens=config.max_new_tokens,
+                     cache_checksum=cache_checksum, model_fingerprint=model_fingerprint, stopping=stopping(config))
 
 
 @dataclass
@@ -160,11 +194,8 @@ def _decision_margins(logits: torch.Tensor, tokens: list[int], history: list[int
             top2 = torch.topk(processed, 2).values
             margins.append(float(top2[0] - top2[1]))
         else:
-            ids, probs = sampler.distribution(processed[None])[0]
-            cdf = torch.cumsum(probs, 0)
-            k = int((ids == tok).nonzero()[0]) if (ids == tok).any() else 0
-            lo = float(cdf[k - 1]) if k else 0.0
-            margins.append(min(abs(draws[j] - lo), abs(float(cdf[k]) - draws[j])))
+            lo, hi = Sampler.bounds(*sampler.distribution(processed[None])[0], tok)
+            margins.append(max(0.0, min(draws[j] - lo, hi - draws[j])))
         seen.append(tok)
     return margins
 
@@ -181,10 +212,10 @@ def margin_errors(reference: Reference, other_logits: torch.Tensor, histories: l
             if sampler.config.greedy:
                 a, bb = torch.topk(r, 2).indices.tolist()
                 errors.append(abs(float((c[a] - c[bb]) - (r[a] - r[bb]))))
-            else:
-                ids, _ = sampler.distribution(r[None])[0]
-                pr, pc = torch.softmax(r[ids], 0), torch.softmax(c[ids], 0)
-                errors.append(float((torch.cumsum(pr, 0) - torch.cumsum(pc, 0)).abs().max()))
+            else:  # how far the edges of the reference token's slice moved (each side with its own candidates)
+                lo_r, hi_r = Sampler.bounds(*sampler.distribution(r[None])[0], tok)
+                lo_c, hi_c = Sampler.bounds(*sampler.distribution(c[None])[0], tok)
+                errors.append(max(abs(lo_c - lo_r), abs(hi_c - hi_r)))
             seen.append(tok)
     return errors
 
@@ -193,7 +224,7 @@ def tolerance_from(errors: list[float]) -> float:
     if not errors:
         return 0.0
     values = torch.tensor(errors, dtype=torch.float64)
-    return TOLERANCE_FACTOR * float(torch.quantile(values, TOLERANCE_PERCENTILE / 100))
+    return max(TOLERANCE_FACTOR * float(torch.quantile(values, TOLERANCE_PERCENTILE / 100)), float(values.max()))
 
 
 def compare(reference: Reference, candidate: DecodeResult, teacher: DecodeResult, precision: str,
@@ -254,15 +285,19 @@ def compare(reference: Reference, candidate: DecodeResult, teacher: DecodeResult
         result.verdict = "diverged"
         result.reason = "fp32 must be token-exact with CPU FP32"
         return result
-    if not result.mismatches:
+    unexplained = [(b, f) for b, f in enumerate(firsts) if f is not None
+                   and not any(m.sequence == b and m.step <= f for m in result.mismatches)]
+    if unexplained:
+        b, f = unexplained[0]
         result.verdict = "diverged"
-        result.reason = "free-running tokens differ although every teacher-forced pick agrees (nondeterminism?)"
+        result.reason = (f"sequence {b} differs free-running from step {f} but teacher forcing on the reference "
+                         f"shows no mismatch at or before it: the candidate is inconsistent (nondeterminism?)")
         return result
     errors = margin_errors(reference, calibrate(), histories, sampler) if calibrate else []
     tau = tolerance_from(errors)
     result.tolerance = tau
-    result.tolerance_rule = (f"{TOLERANCE_FACTOR:g} x p{TOLERANCE_PERCENTILE:g} of the {precision} decision-margin "
-                             f"error of the pristine model on CPU over {len(errors)} steps")
+    result.tolerance_rule = (f"max({TOLERANCE_FACTOR:g} x p{TOLERANCE_PERCENTILE:g}, max) of the {precision} "
+                             f"decision-margin error of the pristine model on CPU over {len(errors)} steps")
     worst = max(result.mismatches, key=lambda m: m.reference_margin)
     if worst.reference_margin < tau:
         result.verdict = "within-precision"

@@ -89,7 +89,9 @@ def prefill(config: RunConfig) -> PrefillReport:
                "kinds": sorted(set(cpu_cache.kinds())), "dtype": str(cpu_cache.dtype).removeprefix("torch."),
                "storage": config.cache_storage},
         next_tokens=cpu_cache.next_token_logits.argmax(-1).tolist(),
-        timing=Timing(prefill=metrics, model_load_s=runner.info.model_load_s, cache_save_s=saved["seconds"]),
+        timing=Timing(prefill=metrics, model_load_s=runner.info.model_load_s, cache_save_s=saved["seconds"],
+                      compile_s=runner.info.compile_s, save_s=runner.info.save_s, load_s=runner.info.load_s,
+                      artifact_reused=runner.info.artifact_reused),
         peak_memory_bytes=runner.peak_memory_bytes(), environment=environment())
 
 
@@ -108,6 +110,10 @@ def check_identity(cache: PromptCache, loaded: dict, force: bool) -> list[str]:
         if a and b and a != b:
             message = (f"the cache was made with different {what} ({recorded.get('source')}: {a}) than the loaded "
                        f"model ({loaded.get('source')}: {b})")
+            if key == "fingerprint" and models.older_fingerprint(a) and not models.older_fingerprint(b):
+                message = (f"the cache's model fingerprint {a} is of the sampled kind older versions wrote, which "
+                           f"cannot be compared with this version's full one ({b}); prefill it again to have it "
+                           f"checked")
             if not force:
                 raise CacheFileError(message + "; pass --force to decode it anyway")
             warnings.append(message)
@@ -140,8 +146,7 @@ def reference_decode(cache_cpu: PromptCache, source: models.ModelSource, config:
     hf_caches.check_compatible(cache, runner.config)
     result = run_decode(runner, cache, Sampler(config.sampling, cache.batch), config.max_new_tokens,
                         make_stopper(runner, config), collect_logits=True)
-    return parity.reference_from(result, config.sampling, config.max_new_tokens, cache_checksum,
-                                 runner.info.identity.get("fingerprint"))
+    return parity.reference_from(result, config, cache_checksum, runner.info.identity.get("fingerprint"))
 
 
 def _calibrate(cache_cpu: PromptCache, source, config: RunConfig, reference: parity.Reference) -> torch.Tensor:
@@ -180,12 +185,14 @@ class Baseline:
         return get
 
 
-def make_baseline(cache_cpu: PromptCache, source: models.ModelSource, config: RunConfig) -> Baseline:
-    """The reference from `config.reference_path` when given, else CPU FP32 decoding here."""
+def make_baseline(cache_cpu: PromptCache, source: models.ModelSource, config: RunConfig,
+                  model_fingerprint: str | None = None) -> Baseline:
+    """The reference from `config.reference_path` when given (checked against this run: cache file, the loaded
+    model's `model_fingerprint`, sampling, stop conditions), else CPU FP32 decoding here."""
     checksum = cache_cpu.file_info.get("payload_crc32")
     if config.reference_path is not None:
         reference = parity.Reference.load(config.reference_path)
-        reference.check_matches(checksum, config.sampling, config.max_new_tokens)
+        reference.check_matches(checksum, config, model_fingerprint)
         reference = _trim(reference, config.max_new_tokens)
     else:
         reference = reference_decode(cache_cpu, source, config, checksum)
@@ -254,11 +261,11 @@ def _parity(config: RunConfig, source, runner, cache, cache_cpu: PromptCache, re
         return parity.skipped("disabled with --no-parity")
     if source.kind == "preset":
         return parity.skipped("random weights (preset model): parity is meaningless")
+    fingerprint = runner.info.identity.get("fingerprint")
     if baseline is None:
-        baseline = make_baseline(cache_cpu, source, config)
+        baseline = make_baseline(cache_cpu, source, config, fingerprint)
     else:
-        baseline.reference.check_matches(cache_cpu.file_info.get("payload_crc32"), config.sampling,
-                                         config.max_new_tokens)
+        baseline.reference.check_matches(cache_cpu.file_info.get("payload_crc32"), config, fingerprint)
     reference = baseline.reference
     teacher = run_decode(runner, cache, Sampler(config.sampling, cache.batch), config.max_new_tokens, stopper,
                          forced=reference.tokens, collect_logits=True)
@@ -273,4 +280,4 @@ def _trim(reference: parity.Reference, max_new_tokens: int) -> parity.Reference:
     return parity.Reference(tokens=tokens, finish_reasons=reference.finish_reasons,
                             logits=reference.logits[:, :max_new_tokens], sampling=reference.sampling,
                             max_new_tokens=max_new_tokens, cache_checksum=reference.cache_checksum,
-                            model_fingerprint=reference.model_fingerprint)
+                            model_fingerprint=reference.model_fingerprint, stopping=reference.stopping)

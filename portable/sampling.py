@@ -4,6 +4,13 @@ Reproducibility across devices is by construction: the logits are brought to the
 (repetition penalty, temperature, top-k, top-p) runs there in float64 with ties broken by token id, and the random
 number for each sequence and step is drawn on the host from a seeded PCG64 stream (one draw per sequence per step,
 finished or not, so streams stay aligned). Given the same logits and seed, every backend picks the same token.
+
+The pick is a continuous function of the probabilities: the candidates are *chosen* by sorting (top-k, top-p), but the
+inverse-CDF walk runs over the kept candidates in token-id order. Walking in probability order instead would let two
+near-tied tokens that swap rank under another precision move every later slice of the CDF by a whole token's
+probability; in id order each slice edge moves only by the probability error of the tokens before it. A sampled
+step's decision margin is the distance of the draw from the nearest edge of the picked token's slice (`bounds`).
+
 Top-k sampling finds its candidates where the logits are and moves only those (the same candidates and float64 values
 as the full host path: see `Sampler.candidates`), so a large vocabulary costs little.
 
@@ -48,7 +55,7 @@ class Sampler:
         return x
 
     def distribution(self, processed: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per row: (token ids, probabilities) after top-k and top-p, ordered by probability then token id."""
+        """Per row: (ascending token ids, probabilities) of the candidates kept by top-k and top-p."""
         rows = []
         for row in processed:
             if self.config.top_k > 0 and self.config.top_k < row.numel():
@@ -60,14 +67,15 @@ class Sampler:
         return rows
 
     def _nucleus(self, ids: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Candidates (ascending ids, float64 values) -> ordered (ids, probabilities) after top-p."""
-        order = torch.sort(-vals, stable=True).indices  # descending, ties by ascending token id
-        ids, vals = ids[order], vals[order]
+        """Candidates (ascending ids, float64 values) -> (ascending ids, probabilities) after top-p: the nucleus is
+        the most probable prefix (ties by ascending token id), kept in id order."""
         probs = torch.softmax(vals, dim=0)
         if self.config.top_p < 1.0:
-            cum = torch.cumsum(probs, dim=0)
+            order = torch.sort(-vals, stable=True).indices  # descending, ties by ascending token id
+            cum = torch.cumsum(probs[order], dim=0)
             keep = int(torch.searchsorted(cum, torch.tensor(self.config.top_p, dtype=cum.dtype)).item()) + 1
-            ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
+            kept = torch.sort(order[:keep]).values
+            ids, probs = ids[kept], probs[kept] / probs[kept].sum()
         return ids, probs
 
     @property
@@ -137,7 +145,19 @@ class Sampler:
 
     @staticmethod
     def _choose(ids: torch.Tensor, probs: torch.Tensor, r: float) -> int:
+        """The token whose slice of the id-ordered CDF holds the draw `r`."""
         cdf = torch.cumsum(probs, dim=0)
         j = min(int(torch.searchsorted(cdf, torch.tensor(r * cdf[-1].item(), dtype=cdf.dtype), right=True)),
                 len(ids) - 1)
         return int(ids[j])
+
+    @staticmethod
+    def bounds(ids: torch.Tensor, probs: torch.Tensor, token: int) -> tuple[float, float]:
+        """The slice [lo, hi) of `token` in the CDF that `_choose` walks, normalised to 1; an empty slice at the
+        token's place in id order when it is not a candidate."""
+        cdf = torch.cumsum(probs, dim=0)
+        total = float(cdf[-1])
+        k = int(torch.searchsorted(ids, token))
+        lo = float(cdf[k - 1]) / total if k else 0.0
+        hi = float(cdf[k]) / total if k < len(ids) and int(ids[k]) == token else lo
+        return lo, hi

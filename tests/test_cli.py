@@ -158,3 +158,45 @@ def test_cache_inspect(made):
 
 def test_default_prompt_is_code():
     assert DEFAULT_PROMPT.startswith("def ")
+
+
+def test_prefill_on_onnxruntime_takes_the_artifact_options_and_prints_the_times(made, tmp_path):
+    folder, _, _ = made
+    args = ("prefill", "--model", folder, "--backend", "onnxruntime", "--ort-provider", "cpu", "--artifact-dir",
+            tmp_path / "art")
+    built = invoke(*args, "--out", tmp_path / "a.safetensors", "--json", tmp_path / "a.json")
+    assert built.exit_code == 0, built.output
+    assert "Compiled artifact: compile" in built.stdout and "| save" in built.stdout and "| load" in built.stdout
+    timing = json.loads((tmp_path / "a.json").read_text())["timing"]
+    assert timing["artifact_reused"] is False and timing["compile_s"] > 0 and timing["load_s"] > 0
+    reused = invoke(*args, "--out", tmp_path / "b.safetensors")
+    assert reused.exit_code == 0, reused.output
+    assert "Compiled artifact: load" in reused.stdout and "compile and save not run" in reused.stdout
+    rebuilt = invoke(*args, "--out", tmp_path / "c.safetensors", "--rebuild")
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert "Compiled artifact: compile" in rebuilt.stdout
+    exported = invoke("export", "--model", folder, "--artifact-dir", tmp_path / "art")
+    assert exported.exit_code == 0, exported.output
+    assert "Reused the saved" in exported.stdout and "compile and save not run" in exported.stdout
+    assert "load" in exported.stdout
+
+
+@pytest.mark.parametrize("command", ["prefill", "decode", "export"])
+def test_ort_provider_without_the_onnxruntime_backend_is_an_error(made, command, tmp_path):
+    _, cache, _ = made
+    extra = {"prefill": ("--out", tmp_path / "x.safetensors"), "decode": ("--cache", cache),
+             "export": ("--backend", "cpu")}[command]
+    line = one_line_error(invoke(command, "--ort-provider", "cpu", *extra))
+    assert "--ort-provider applies to --backend onnxruntime only" in line
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_cache_with_an_older_fingerprint_says_so(made, tmp_path):
+    from caches import load_cache, save_cache
+
+    _, cache, _ = made
+    old = load_cache(cache)
+    old.model = {**old.model, "fingerprint": "sha256:" + "0" * 32}  # the sampled scheme of earlier versions
+    save_cache(old, tmp_path / "old.safetensors")
+    line = one_line_error(invoke("decode", "--cache", tmp_path / "old.safetensors"))
+    assert "sampled kind older versions wrote" in line and "prefill it again" in line and "--force" in line

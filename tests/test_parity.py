@@ -262,3 +262,110 @@ def test_top_k_candidates_found_with_the_logits_pick_what_the_host_path_picks(dt
         for _ in range(3):
             picked = fast.pick(logits, history)
             assert picked == [Sampler._choose(i, p, r) for (i, p), r in zip(host_rows, host.draw())]
+
+
+def test_a_near_tie_swapping_rank_moves_the_sampled_slices_only_by_the_probability_error():
+    """Two tokens at ~0.49 each swap rank between reference and candidate: the id-ordered CDF walk picks the same
+    token for every draw except those closer to a slice edge than the edge moved."""
+    from portable.sampling import Sampler
+
+    sampler = Sampler(SamplingConfig(temperature=1.0), 1)
+    ref = torch.full((1, 64), -30.0, dtype=torch.float64)
+    ref[0, 5], ref[0, 40], ref[0, 9] = 0.0020, 0.0, -3.0
+    cand = ref.clone()
+    cand[0, 5], cand[0, 40] = 0.0, 0.0020  # the rank of the two leaders swaps
+    (ids_r, p_r), = sampler.distribution(ref)
+    (ids_c, p_c), = sampler.distribution(cand)
+    edges_r = [Sampler.bounds(ids_r, p_r, t)[1] for t in range(64)]
+    moved = max(abs(a - Sampler.bounds(ids_c, p_c, t)[1]) for t, a in enumerate(edges_r))
+    assert 0 < moved < 0.001  # the probability error, not the ~0.49 of a token
+    draws = torch.linspace(0, 1, 20001)[:-1].tolist()
+    differ = [r for r in draws if Sampler._choose(ids_r, p_r, r) != Sampler._choose(ids_c, p_c, r)]
+    assert 0 < len(differ) / len(draws) <= 2 * moved + 1e-3
+    assert all(min(abs(r - e) for e in edges_r) <= moved for r in differ)  # only draws next to a moving edge
+    for r in draws[::997]:  # the margin is the distance of the draw from the nearest edge of the picked slice
+        lo, hi = Sampler.bounds(ids_r, p_r, Sampler._choose(ids_r, p_r, r))
+        assert lo <= r < hi
+
+
+@pytest.fixture(scope="module")
+def sampled_cache(tmp_path_factory) -> Path:
+    """The audit's batch, where a sampled bf16 run of the untouched model was once called `diverged`."""
+    path = tmp_path_factory.mktemp("sampled") / "b2.safetensors"
+    pipeline.prefill(RunConfig(prompts=("def add(a, b):", "import os\n"), cache_path=path, quiet=True))
+    return path
+
+
+def test_the_untouched_model_sampled_at_bf16_is_never_diverged(sampled_cache):
+    verdicts = []
+    for sampling in (SamplingConfig(temperature=1.0, seed=1), SamplingConfig(temperature=1.0, seed=2),
+                     SamplingConfig(temperature=1.0, seed=3),
+                     SamplingConfig(temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.1, seed=4)):
+        p = pipeline.decode(RunConfig(cache_path=sampled_cache, max_new_tokens=64, ignore_eos=True, quiet=True,
+                                      precision="bf16", sampling=sampling)).parity
+        assert p.verdict in ("exact", "within-precision"), (sampling, p.line())
+        verdicts.append(p.verdict)
+    assert "within-precision" in verdicts  # the tolerance was really exercised
+
+
+def test_a_broken_candidate_sampled_at_bf16_is_diverged(caches, broken):
+    p = decode(caches[0], backend=broken, precision="bf16", sampling=SamplingConfig(temperature=1.0, seed=1)).parity
+    assert p.verdict == "diverged" and "reference was confident" in p.reason, p.line()
+    assert p.tolerance is not None and max(m.reference_margin for m in p.mismatches) >= p.tolerance
+
+
+def test_a_sequence_that_diverges_without_a_teacher_forced_mismatch_is_diverged():
+    """Sequence 0 flips at a near-tie in both runs (within precision); sequence 1 differs free-running although
+    teacher forcing agrees up to its first divergent step: inconsistent, whatever sequence 0 shows."""
+    from portable import parity
+    from portable.generation import DecodeResult
+
+    tokens = [[1, 2, 3], [4, 5, 6]]
+    logits = torch.zeros(2, 3, 8)
+    for b, row in enumerate(tokens):
+        for j, t in enumerate(row):
+            logits[b, j, t] = 5.0
+    logits[0, 1, 7] = 4.99  # a near-tie with token 2
+    teacher_logits = logits.clone()
+    teacher_logits[0, 1, 7] = 5.01
+    reference = parity.Reference(tokens=tokens, finish_reasons=["length"] * 2, logits=logits,
+                                 sampling=SamplingConfig().__dict__, max_new_tokens=3, cache_checksum=None,
+                                 model_fingerprint=None, stopping={"stop": [], "ignore_eos": False})
+
+    def verdict(candidate_tokens, picks):
+        candidate = DecodeResult(tokens=candidate_tokens, finish_reasons=["length"] * 2)
+        teacher = DecodeResult(tokens=tokens, finish_reasons=["length"] * 2, logits=teacher_logits, picks=picks)
+        return parity.compare(reference, candidate, teacher, "bf16", [[0], [0]], calibrate=lambda: teacher_logits)
+
+    consistent = verdict([[1, 7, 0], [4, 5, 6]], [[1, 7, 3], [4, 5, 6]])
+    assert consistent.verdict == "within-precision", consistent.line()
+    p = verdict([[1, 7, 0], [4, 0, 6]], [[1, 7, 3], [4, 5, 6]])
+    assert p.verdict == "diverged" and "sequence 1 differs free-running from step 1" in p.reason, p.line()
+
+
+def test_a_reference_file_must_match_the_run_stop_conditions_and_model(caches, tmp_path):
+    from portable.parity import Reference
+
+    cache, ref = caches[0], tmp_path / "ref.safetensors"
+    result = invoke("reference", "--cache", cache, "--out", ref, "-n", 8, "--stop", "(")
+    assert result.exit_code == 0, result.output
+    result = invoke("decode", "--cache", cache, "--reference", ref, "-n", 8, "--stop", "(", "-q")
+    assert result.exit_code == 0, result.output
+    assert "Parity vs CPU FP32: exact" in result.stdout
+    line = one_line_error(invoke("decode", "--cache", cache, "--reference", ref, "-n", 8))
+    assert "--stop '('" in line and "no --stop" in line
+    line = one_line_error(invoke("decode", "--cache", cache, "--reference", ref, "-n", 8, "--stop", "(",
+                                 "--ignore-eos"))
+    assert "EOS stopping" in line and "--ignore-eos" in line
+    stored = Reference.load(ref)
+    assert stored.stopping == {"stop": ["("], "ignore_eos": False} and stored.model_fingerprint
+    other = stored.model_fingerprint.split(":")[0] + ":0000"
+    stored.model_fingerprint = other
+    stored.save(tmp_path / "other-model.safetensors")
+    line = one_line_error(invoke("decode", "--cache", cache, "--reference", tmp_path / "other-model.safetensors",
+                                 "-n", 8, "--stop", "("))
+    assert f"other model weights ({other})" in line
+    stored.model_fingerprint, stored.stopping = None, None  # a file from before the stop conditions were recorded
+    stored.save(tmp_path / "old.safetensors")
+    line = one_line_error(invoke("decode", "--cache", cache, "--reference", tmp_path / "old.safetensors", "-n", 8))
+    assert "does not record its stop conditions" in line
