@@ -11,4 +11,4 @@ import sys
 from portable.cli import main
 
 if __name__ == "__main__":
-    main(["prefill", *sys.argv[1:]], prog_name="prefill.py")
+    main(sys.argv[1:], prog_name="prefill.py", command="prefill")

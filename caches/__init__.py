@@ -3,7 +3,7 @@
 
 from caches.container import PromptCache
 from caches.layers import AttentionLayer, RecurrentLayer, SlidingWindowLayer
-from caches.store import FORMAT_VERSION, load_cache, read_metadata, save_cache
+from caches.store import FORMAT_VERSION, check_writable, load_cache, read_metadata, save_cache
 
-__all__ = ["PromptCache", "AttentionLayer", "SlidingWindowLayer", "RecurrentLayer", "save_cache", "load_cache",
-           "read_metadata", "FORMAT_VERSION"]
+__all__ = ["PromptCache", "AttentionLayer", "SlidingWindowLayer", "RecurrentLayer", "save_cache", "check_writable",
+           "load_cache", "read_metadata", "FORMAT_VERSION"]

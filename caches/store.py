@@ -25,6 +25,7 @@ sizes) are checked where the model is known: `caches.hf.check_compatible`.
 from __future__ import annotations
 
 import json
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -59,6 +60,18 @@ MIGRATIONS: dict[int, Migration] = {}
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def check_writable(path: Path) -> None:
+    """Fail before any work if `path` cannot become a cache file (a folder, or a parent that is a file)."""
+    path = Path(path)
+    if path.is_dir():
+        raise CacheFileError(f"{path} is a directory; give a file path for the cache (e.g. {path / 'kv_cache.safetensors'})")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise CacheFileError(f"cannot write {path}: {parent} is not a directory")
+    if parent is not None and not os.access(parent, os.W_OK):
+        raise CacheFileError(f"cannot write {path}: {parent} is not writable")
 
 
 def save_cache(cache: PromptCache, path: Path, storage: str = "native") -> dict:

@@ -318,8 +318,13 @@ def cache_inspect(
         raise typer.Exit(CacheFileError.exit_code)
 
 
-def main(argv: list[str] | None = None, prog_name: str = "portable") -> None:
-    app(args=argv, prog_name=prog_name)
+def main(argv: list[str] | None = None, prog_name: str = "portable", command: str | None = None) -> None:
+    """The `portable` program; with `command`, that one command alone as its own program (`python prefill.py`, whose
+    usage line then reads `prefill.py [OPTIONS]`)."""
+    if command is None:
+        app(args=argv, prog_name=prog_name)
+    else:
+        typer.main.get_command(app).commands[command].main(args=argv, prog_name=prog_name)
 
 
 from portable.bench.cli import bench_app  # noqa: E402  (registered last: the bench group lives in its own package)

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 import backends
-from caches import PromptCache, load_cache, read_metadata, save_cache
+from caches import PromptCache, check_writable, load_cache, read_metadata, save_cache
 from caches import hf as hf_caches
 from portable import models, parity
 from portable.config import RunConfig
@@ -59,6 +59,7 @@ def _sync(runner) -> Callable[[], None]:
 
 
 def prefill(config: RunConfig) -> PrefillReport:
+    check_writable(config.cache_path)
     source = models.resolve(config.model)
     backend = backends.require(config.backend, config.precision)
     runner = backend.load(config, source)

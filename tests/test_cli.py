@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from portable.cli import app
 from portable.config import DEFAULT_PROMPT
+from tests.conftest import run_cli
 
 runner = CliRunner()
 
@@ -138,6 +139,20 @@ def test_missing_local_model_folder(tmp_path):
     assert "does not exist" in one_line_error(invoke("prefill", "--model", tmp_path / "nothing" / "here"))
 
 
+def test_an_unwritable_out_path_fails_before_any_work(made, tmp_path, monkeypatch):
+    folder, _, _ = made
+    from portable import models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was resolved before the output path was checked")
+
+    monkeypatch.setattr(models, "resolve", no_load)
+    assert "is a directory" in one_line_error(invoke("prefill", "--model", folder, "--out", tmp_path))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert "is not a directory" in one_line_error(invoke("prefill", "--model", folder, "--out", blocker / "c.st"))
+
+
 def test_prefill_failure_leaves_existing_cache_untouched(made, tmp_path):
     folder, cache, _ = made
     before = cache.read_bytes()
@@ -200,3 +215,9 @@ def test_cache_with_an_older_fingerprint_says_so(made, tmp_path):
     save_cache(old, tmp_path / "old.safetensors")
     line = one_line_error(invoke("decode", "--cache", tmp_path / "old.safetensors"))
     assert "sampled kind older versions wrote" in line and "prefill it again" in line and "--force" in line
+
+
+@pytest.mark.parametrize("script", ["prefill.py", "decode.py"])
+def test_entry_point_usage_names_the_script_alone(script):
+    out = run_cli(script, "--help").stdout
+    assert f"Usage: {script} [OPTIONS]" in out  # not "prefill.py prefill", which would fail if typed
