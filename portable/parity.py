@@ -228,8 +228,11 @@ def tolerance_from(errors: list[float]) -> float:
 
 
 def compare(reference: Reference, candidate: DecodeResult, teacher: DecodeResult, precision: str,
-            histories: list[list[int]], calibrate=None, decode_text=None) -> ParityResult:
+            histories: list[list[int]], calibrate=None, decode_text=None, storage: str = "native") -> ParityResult:
     """The verdict for `candidate` (free running) and `teacher` (the same candidate, teacher forced).
+
+    `storage`: how the cache file keeps keys/values; a lossy one (int8) is a reduced precision of its own, so fp32
+    must then be within its tolerance rather than exact.
 
     `calibrate()` returns the pristine model's logits at the candidate precision, teacher forced (see module
     docstring); it is called only when a verdict needs a tolerance. `histories` are the prompts' token ids (the
@@ -281,7 +284,7 @@ def compare(reference: Reference, candidate: DecodeResult, teacher: DecodeResult
         result.verdict = "exact"
         result.reason = f"token-exact; {len(result.mismatches)} teacher-forced near-ties flipped without effect"
         return result
-    if precision == "fp32":
+    if precision == "fp32" and storage == "native":
         result.verdict = "diverged"
         result.reason = "fp32 must be token-exact with CPU FP32"
         return result
@@ -296,7 +299,8 @@ def compare(reference: Reference, candidate: DecodeResult, teacher: DecodeResult
     errors = margin_errors(reference, calibrate(), histories, sampler) if calibrate else []
     tau = tolerance_from(errors)
     result.tolerance = tau
-    result.tolerance_rule = (f"max({TOLERANCE_FACTOR:g} x p{TOLERANCE_PERCENTILE:g}, max) of the {precision} "
+    what = precision if storage == "native" else f"{precision} with {storage} cache storage"
+    result.tolerance_rule = (f"max({TOLERANCE_FACTOR:g} x p{TOLERANCE_PERCENTILE:g}, max) of the {what} "
                              f"decision-margin error of the pristine model on CPU over {len(errors)} steps")
     worst = max(result.mismatches, key=lambda m: m.reference_margin)
     if worst.reference_margin < tau:

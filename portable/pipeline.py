@@ -140,14 +140,24 @@ def make_stopper(runner, config: RunConfig) -> Stopper:
 
 def reference_decode(cache_cpu: PromptCache, source: models.ModelSource, config: RunConfig,
                      cache_checksum: str | None) -> parity.Reference:
-    """CPU FP32 decoding of `cache_cpu` with the run's sampling: the parity reference."""
+    """CPU FP32 decoding of `cache_cpu` with the run's sampling: the parity reference. A cache stored lossily (int8
+    keys/values) is not its own reference: the prompt is prefilled again here in FP32 from the file's token ids, so
+    that the verdict shows what the storage cost, like any other precision choice."""
     ref_config = config.replace(backend="cpu", precision="fp32", attn="sdpa")
     runner = backends.resolve("cpu").load(ref_config, source)
     cache = cache_cpu.to("cpu", torch.float32)
     hf_caches.check_compatible(cache, runner.config)
+    if lossy_storage(cache_cpu):
+        cache = runner.prefill(cache_cpu.input_ids, cache_cpu.attention_mask)
     result = run_decode(runner, cache, Sampler(config.sampling, cache.batch), config.max_new_tokens,
                         make_stopper(runner, config), collect_logits=True)
     return parity.reference_from(result, config, cache_checksum, runner.info.identity.get("fingerprint"))
+
+
+def lossy_storage(cache: PromptCache) -> str | None:
+    """The storage of a cache file whose keys/values are not kept as computed (int8), else None."""
+    storage = cache.file_info.get("storage", "native")
+    return None if storage == "native" else storage
 
 
 def _calibrate(cache_cpu: PromptCache, source, config: RunConfig, reference: parity.Reference) -> torch.Tensor:
@@ -273,7 +283,8 @@ def _parity(config: RunConfig, source, runner, cache, cache_cpu: PromptCache, re
     histories = [cache_cpu.prompt_tokens(b) for b in range(cache_cpu.batch)]
     decode_text = (lambda ids: runner.tokenizer.decode(ids)) if runner.tokenizer is not None else None
     return parity.compare(reference, result, teacher, config.precision, histories,
-                          calibrate=baseline.calibration(config.precision), decode_text=decode_text)
+                          calibrate=baseline.calibration(config.precision), decode_text=decode_text,
+                          storage=lossy_storage(cache_cpu) or "native")
 
 
 def _trim(reference: parity.Reference, max_new_tokens: int) -> parity.Reference:

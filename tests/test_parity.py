@@ -369,3 +369,21 @@ def test_a_reference_file_must_match_the_run_stop_conditions_and_model(caches, t
     stored.save(tmp_path / "old.safetensors")
     line = one_line_error(invoke("decode", "--cache", cache, "--reference", tmp_path / "old.safetensors", "-n", 8))
     assert "does not record its stop conditions" in line
+
+
+def test_int8_cache_storage_is_checked_against_an_fp32_prefill_not_against_itself(tmp_path):
+    """The reference of an int8-stored cache prefills the prompt again in FP32: the storage's cost shows in the
+    teacher-forced comparison (a reference decoded from the same dequantized file would differ by exactly 0)."""
+    path = tmp_path / "q.safetensors"
+    assert invoke("prefill", "--cache-storage", "int8", "--out", path, "-q").exit_code == 0
+    result = invoke("decode", "--cache", path, "-n", 16, "-q", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["cache"]["storage"] == "int8-per-token"
+    p = report["parity"]
+    assert p["verdict"] in ("exact", "within-precision"), p["reason"]
+    assert p["max_abs_logit_diff"] > 1e-4 and p["kl_mean"] > 0
+    native = tmp_path / "n.safetensors"
+    assert invoke("prefill", "--out", native, "-q").exit_code == 0
+    assert invoke("decode", "--cache", native, "-n", 16, "-q", "--json", tmp_path / "n.json").exit_code == 0
+    assert json.loads((tmp_path / "n.json").read_text())["parity"]["max_abs_logit_diff"] == 0.0
