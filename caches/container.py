@@ -63,19 +63,25 @@ class PromptCache:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "PromptCache":
         """A copy with the layer states cast to `dtype` and everything moved to `device`.
 
-        Token ids, mask and logits keep their dtypes; only floating layer tensors are cast.
+        Token ids, mask and logits keep their dtypes; only floating layer tensors are cast, except those a layer kind
+        keeps in float32 at every precision (`float32_tensors`: Mamba's SSM state).
         """
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device) if device is not None else t
 
-        def cast(t: torch.Tensor) -> torch.Tensor:
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
+        def cast(t: torch.Tensor, to: torch.dtype | None) -> torch.Tensor:
+            if to is not None and t.is_floating_point():
+                t = t.to(to)
             return move(t)
+
+        def cast_layer(layer):
+            keep = getattr(layer, "float32_tensors", ())
+            return replace(layer, **{name: cast(t, torch.float32 if name in keep and dtype is not None else dtype)
+                                     for name, t in layer.tensors().items()})
 
         return replace(self, input_ids=move(self.input_ids), attention_mask=move(self.attention_mask),
                        next_token_logits=move(self.next_token_logits),
-                       layers=[layer.map_tensors(cast) for layer in self.layers])
+                       layers=[cast_layer(layer) for layer in self.layers])
 
     def select(self, rows: list[int]) -> "PromptCache":
         """The cache of a subset of the batch (used to compare one sequence at a time)."""

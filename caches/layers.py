@@ -119,6 +119,10 @@ class RecurrentLayer:
     layouts: ClassVar[dict[str, str]] = {"conv_state": "[batch, channels, conv_kernel]",
                                          "recurrent_state": "[batch, channels, state_size]"}
 
+    # Hugging Face's Mamba keeps its SSM state in float32 whatever the model's dtype (MambaMixer), so a cast to the
+    # decode precision leaves it there: a bf16 decode from a file then continues exactly as an uninterrupted one.
+    float32_tensors = ("recurrent_state",)
+
     tensors = AttentionLayer.tensors
     map_tensors = AttentionLayer.map_tensors
     nbytes = AttentionLayer.nbytes

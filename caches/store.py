@@ -66,7 +66,8 @@ def check_writable(path: Path) -> None:
     """Fail before any work if `path` cannot become a cache file (a folder, or a parent that is a file)."""
     path = Path(path)
     if path.is_dir():
-        raise CacheFileError(f"{path} is a directory; give a file path for the cache (e.g. {path / 'kv_cache.safetensors'})")
+        raise CacheFileError(f"{path} is a directory; give a file path for the cache "
+                             f"(e.g. {path / 'kv_cache.safetensors'})")
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise CacheFileError(f"cannot write {path}: {parent} is not a directory")

@@ -65,3 +65,25 @@ def test_forward_calls_use_the_installed_transformers_cache_keyword(name, tiny_m
         runner.start(cache, 2)
         logits = runner.decode_step(cache.next_token_logits.argmax(-1))
     assert cache.layers and logits.shape[-1] == loaded.config.vocab_size
+
+
+def test_mamba_bf16_keeps_its_ssm_state_in_float32_through_the_file(tiny_model, tmp_path):
+    """HF's Mamba keeps the SSM state in float32 at bf16; a cache cast to bf16 on load must leave it there, so that a
+    bf16 decode from the file continues exactly as one uninterrupted bf16 `generate()`."""
+    folder = tiny_model("mamba")
+    cache = tmp_path / "m.safetensors"
+    args = ["--model", str(folder), "--out", str(cache), "--precision", "bf16"]
+    for p in PROMPTS:
+        args += ["--prompt", p]
+    run_cli("prefill.py", *args, "-q")
+    loaded = load_cache(cache, dtype=torch.bfloat16)
+    assert {layer.recurrent_state.dtype for layer in loaded.layers} == {torch.float32}
+    assert {layer.conv_state.dtype for layer in loaded.layers} == {torch.bfloat16}
+    run_cli("decode.py", "--cache", str(cache), "--precision", "bf16", "-n", str(NEW), "--no-parity", "--json",
+            str(tmp_path / "r.json"), "-q")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    enc = tok(list(PROMPTS), padding=True, padding_side="left", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=NEW, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert read_json(tmp_path / "r.json")["tokens"] == out[:, enc.input_ids.shape[1]:].tolist()
