@@ -8,6 +8,7 @@ fingerprint), decode (timed), then the parity comparison (untimed).
 from __future__ import annotations
 
 import time
+from warnings import catch_warnings, simplefilter
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -164,8 +165,12 @@ def _calibrate(cache_cpu: PromptCache, source, config: RunConfig, reference: par
     """Teacher-forced logits of the pristine model on CPU at the candidate's precision (parity's tolerance)."""
     precision = config.precision if config.precision in ("fp16", "bf16") else "fp32"
     runner = backends.resolve("cpu").load(config.replace(backend="cpu", precision=precision, attn="sdpa"), source)
-    if config.precision == "int8":
-        torch.ao.quantization.quantize_dynamic(runner.model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    if config.precision == "int8":  # per output channel, as ONNX Runtime's int8 weights (backends/onnxruntime.py)
+        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+        with catch_warnings():  # torch.ao announces its move to torchao on every call: not the user's concern
+            simplefilter("ignore")
+            torch.ao.quantization.quantize_dynamic(runner.model, {torch.nn.Linear: qconfig}, dtype=torch.qint8,
+                                                   inplace=True)
     cache = cache_cpu.to("cpu", runner.dtype)
     out = run_decode(runner, cache, Sampler(config.sampling, cache.batch), config.max_new_tokens,
                      make_stopper(runner, config), forced=reference.tokens, collect_logits=True)
