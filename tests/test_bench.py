@@ -436,11 +436,25 @@ def test_kernels_need_a_gpu_or_the_interpreter_flag(tmp_path):
 
 
 def test_kernels_in_the_interpreter_write_tables_and_plots(tmp_path):
-    result = invoke("kernels", "--interpret", "-k", "rmsnorm,gemv,attention", "--dtype", "fp32", "-o", tmp_path)
+    result = invoke("kernels", "--interpret", "-k", "rmsnorm,gemv,attention,attention_oproj", "--dtype", "fp32", "-o",
+                    tmp_path)
     assert result.exit_code == 0, result.output
-    for name in ("rmsnorm", "gemv", "attention"):
+    for name in ("rmsnorm", "gemv", "attention", "attention_oproj"):
         png = tmp_path / f"{name}-fp32.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         rows = (tmp_path / f"{name}-fp32.csv").read_text().splitlines()
         assert len(rows) == 3 and "Triton GB/s" in rows[0]
     assert "speed-up" in result.stdout
+
+
+def test_the_attention_oproj_case_does_the_same_job_on_both_sides():
+    """The micro-benchmark compares like with like: the fused kernels and the PyTorch reference leave the same
+    residual (both start from the same caches, each adds W_o . attention once)."""
+    from backends import kernels as k
+    from portable.bench import kernels as bench_kernels
+
+    fns, nbytes = bench_kernels._case_attention_oproj(k, bench_kernels.TINY, 16, torch.float32, torch.device("cpu"))
+    h_fused = fns["triton"]().clone()
+    h_both = fns["torch"]()  # the same residual tensor: now holds both additions
+    assert nbytes > 0 and h_fused.abs().sum() > 0
+    assert torch.allclose(h_both, 2 * h_fused, rtol=1e-4, atol=1e-5)

@@ -110,6 +110,36 @@ def _case_attention(k, s: Shapes, x: int, dtype, device):
     return {"triton": triton_, "torch": torch_}, nbytes
 
 
+def _case_attention_oproj(k, s: Shapes, x: int, dtype, device):
+    """Batch 1 as the fast decode step runs it: RoPE + cache write + attention over `x` slots, then the combine folded
+    into the output projection, added to the fp32 residual (`combine_oproj_`); against RoPE, attention and
+    `F.linear` through PyTorch. Bytes: the keys and values read, and W_o."""
+    kc, vc = (_rand(1, s.hk, x, s.d, dtype=dtype, device=device, seed=i) for i in (1, 2))
+    start = torch.zeros(1, dtype=torch.int32, device=device)
+    slot = torch.full((1,), x - 1, dtype=torch.int32, device=device)
+    scale = s.d ** -0.5
+    attention = k.attention
+    qkv = _rand(1, (s.hq + 2 * s.hk) * s.d, dtype=dtype, device=device)
+    wo = _rand(s.hidden, s.hq * s.d, dtype=dtype, device=device, seed=3) / (s.hq * s.d) ** 0.5
+    h = torch.zeros(s.hidden, dtype=torch.float32, device=device)
+    positions = torch.full((1,), x - 1, dtype=torch.long, device=device)
+    inv = 1.0 / (10000 ** (torch.arange(0, s.d, 2, device=device).float() / s.d))
+    q = torch.empty(1, s.hq, s.d, dtype=dtype, device=device)
+    fused = attention.RopeAttention(1, s.hq, s.hk, s.d, x, device)
+
+    def triton_():
+        fused.rope_attention(qkv, positions, inv, 1.0, kc, vc, start, slot, scale, 0, None, None, 1e-6, 0.0)
+        fused.combine_oproj_(wo, h)
+        return h
+
+    def torch_():
+        k.rope.qkv_rope_cache_torch_(qkv, positions, inv, 1.0, q, kc, vc, slot)
+        o = attention.decode_attention_torch(q, kc, vc, start, slot, scale)
+        return h.add_(torch.nn.functional.linear(o.reshape(1, -1), wo)[0].float())
+
+    return {"triton": triton_, "torch": torch_}, 2 * kc.numel() * kc.element_size() + wo.numel() * wo.element_size()
+
+
 # name: (case builder, x axis name, the Shapes field holding the x values)
 KERNELS: dict[str, tuple[Callable, str, str]] = {
     "rmsnorm": (_case_rmsnorm, "tokens", "tokens"),
@@ -118,6 +148,7 @@ KERNELS: dict[str, tuple[Callable, str, str]] = {
     "rope_qk": (_case_rope_qk, "tokens", "tokens"),
     "gemv": (_case_gemv, "N = K", "gemv_n"),
     "attention": (_case_attention, "cache slots", "slots"),
+    "attention_oproj": (_case_attention_oproj, "cache slots", "slots"),
 }
 
 
