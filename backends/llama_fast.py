@@ -102,7 +102,9 @@ class FastDecoder:
         # (successor kernels stream while their predecessor still does; benchmarks/gpu_profile.py).
         self.prefetch = False
         self.preload = None  # None: as the GEMV config says (True for every default config)
-        self.trigger = "end"  # when a GEMV lets its successor launch: "start", "last" (last tile), "end"
+        self.trigger = "end"  # when a GEMV lets its successor launch: "last" (last tile), "end" ("start" is unsafe:
+        # the attention kernel loads the cache before its wait, relying on the GEMV before it having passed its own)
+        self.gemv_configs: dict[str, gemv.GemvConfig] = {}  # per kind (qkv, gate_up, down, head); default_config else
         # Measured on an H100 (benchmarks/gpu_profile.py): 32-slot blocks with 8 warps for pass 1 of the attention,
         # 128-row programs for the combine + output projection.
         self.oproj_block_n, self.oproj_warps, self.oproj_heads = 128, 4, 1
@@ -228,8 +230,10 @@ class FastDecoder:
         rmsnorm_add = norms.rmsnorm_add_
         h, o, eps, off = self.h[0], self.o.view(-1), self.eps, self.offset
         pdl = {"pdl": self.pdl, "prefetch": self.prefetch, "preload": self.preload, "trigger": self.trigger}
+        cfg = self.gemv_configs
         for i, layer in enumerate(self.layers):
-            gemv.gemv(h, layer.wqkv, self.qkv[0], norm_w=layer.ln1, eps=eps, norm_offset=off, **pdl)
+            gemv.gemv(h, layer.wqkv, self.qkv[0], norm_w=layer.ln1, eps=eps, norm_offset=off, config=cfg.get("qkv"),
+                      **pdl)
             self._attend(i, layer, combine=self.gemma)
             if self.gemma:
                 gemv.gemv(o, layer.wo, self.tmp[0], **pdl)
@@ -238,13 +242,14 @@ class FastDecoder:
                 self.attention.combine_oproj_(layer.wo, h, self.pdl, self.oproj_block_n, self.oproj_warps,
                                               self.oproj_heads)
             gemv.gemv(h, layer.wg, self.mlp[0], norm_w=layer.ln2, eps=eps, norm_offset=off, up=layer.wu,
-                      act=self.act, **pdl)
+                      act=self.act, config=cfg.get("gate_up"), **pdl)
             if self.gemma:
                 gemv.gemv(self.mlp[0], layer.wd, self.tmp[0], **pdl)
                 rmsnorm_add(self.tmp, self.h, layer.post_ff, eps, off)
             else:
-                gemv.gemv(self.mlp[0], layer.wd, h, accumulate=True, **pdl)
-        gemv.gemv(h, self.head, self.logits[0], norm_w=self.final_norm, eps=eps, norm_offset=off, **pdl)
+                gemv.gemv(self.mlp[0], layer.wd, h, accumulate=True, config=cfg.get("down"), **pdl)
+        gemv.gemv(h, self.head, self.logits[0], norm_w=self.final_norm, eps=eps, norm_offset=off,
+                  config=cfg.get("head"), **pdl)
 
     def _layers_matmul(self) -> None:
         rmsnorm, rmsnorm_add, gated = self._k()

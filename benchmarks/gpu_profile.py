@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backends.hf_torch import HFRunner  # noqa: E402
+from backends.kernels.gemv import GemvConfig  # noqa: E402
 from backends.llama_fast import FastRunner  # noqa: E402
 from portable import models  # noqa: E402
 from portable.config import RunConfig  # noqa: E402
@@ -39,6 +40,13 @@ VARIANTS = {
     "oproj64 h8": dict(oproj_block_n=64, oproj_heads=8),
     "oproj32 h8 w4": dict(oproj_block_n=32, oproj_heads=8),
     "oproj64 h8 w8": dict(oproj_block_n=64, oproj_heads=8, oproj_warps=8),
+    # the per-shape winners of gemv_tune.py on an H200 (2026-12-02) where they differ from default_config
+    "gu bn4 w4 s5": dict(gemv_configs={"gate_up": GemvConfig(4, 512, 1, 4, 5, True)}),
+    "gu+qkv s5": dict(gemv_configs={"gate_up": GemvConfig(4, 512, 1, 4, 5, True),
+                                    "qkv": GemvConfig(8, 1024, 1, 8, 5, True)}),
+    "trigger last": dict(trigger="last"),
+    "attn w4": dict(attention_warps=4),
+    "attn bs64": dict(attention_block_s=64),
 }
 
 
