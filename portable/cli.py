@@ -15,8 +15,8 @@ import typer
 
 from portable.cli_options import (ArtifactDir, Attn, Backend, CachePath, Debug, Device, IgnoreEos, JsonOut,
                                   Kernels, MaxNew, Model, OrtProvider, Precision, Quiet, Rebuild, RepPenalty, Seed,
-                                  Stop, Temperature, TopK, TopP, artifact_times, check_choice, command, ort_only,
-                                  read_prompts, split_list)
+                                  Stop, Temperature, TopK, TopP, artifact_times, check_choice, command, device_for,
+                                  ort_only, read_prompts, split_list)
 from portable.config import (ALL_PRECISIONS, ATTENTION, CACHE_STORAGE, DEFAULT_CACHE, KERNELS, PRECISIONS, RunConfig,
                              SamplingConfig)
 
@@ -55,7 +55,7 @@ def prefill(
     from portable.report import megabytes, write_json
 
     config = RunConfig(model=model, prompts=read_prompts(prompt), batch=batch, cache_path=out, backend=backend,
-                       precision=precision, device=device, attn=check_choice(attn, ATTENTION, "attention"),
+                       precision=precision, device=device_for(backend, device), attn=check_choice(attn, ATTENTION, "attention"),
                        cache_storage=check_choice(cache_storage, CACHE_STORAGE, "cache storage"),
                        ort_provider=ort_only(backend, ort_provider), rebuild=rebuild, artifact_dir=artifact_dir,
                        quiet=quiet)
@@ -119,7 +119,7 @@ def decode(
     from portable.streaming import TextStreamer
 
     config = RunConfig(
-        model=model, cache_path=cache, backend=backend, precision=precision, device=device,
+        model=model, cache_path=cache, backend=backend, precision=precision, device=device_for(backend, device),
         attn=check_choice(attn, ATTENTION, "attention"), kernels=check_choice(kernels, KERNELS, "kernels"),
         max_new_tokens=max_new_tokens, stop=tuple(stop or ()), ignore_eos=ignore_eos,
         sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
@@ -277,6 +277,9 @@ def parity_matrix(
     if cache and prompt:
         raise PortableError("give cache files (--cache) or prompts (--prompt), not both")
     paths = [Path(c) for c in split_list(cache)] if cache else [DEFAULT_CACHE]
+    if ort_provider is not None and "onnxruntime" not in names:
+        raise PortableError("--ort-provider applies to the onnxruntime backend, which is not among --backend "
+                            f"{','.join(names)}")
     config = RunConfig(model=model, attn=check_choice(attn, ATTENTION, "attention"),
                        kernels=check_choice(kernels, KERNELS, "kernels"), max_new_tokens=max_new_tokens,
                        stop=tuple(stop or ()), ignore_eos=ignore_eos,

@@ -86,6 +86,14 @@ def ort_only(backend: str, ort_provider: str | None) -> str | None:
     return ort_provider
 
 
+def device_for(backend: str, device: str | None) -> str | None:
+    """--device names a device of the chosen backend; the CPU backend has only the host, so another is refused."""
+    if device is not None and backend == "cpu" and device != "cpu":
+        raise PortableError(f"--device {device} does not fit --backend cpu (it runs on the host); leave it out or "
+                            f"pick the backend of that device (e.g. --backend cuda)")
+    return device
+
+
 def artifact_times(compile_s: float | None, save_s: float | None, load_s: float | None,
                    reused: bool | None) -> str | None:
     """"compile X s | save Y s | load Z s" for a compiled artifact; a reused one says that it skipped the first two."""

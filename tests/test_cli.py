@@ -221,3 +221,12 @@ def test_cache_with_an_older_fingerprint_says_so(made, tmp_path):
 def test_entry_point_usage_names_the_script_alone(script):
     out = run_cli(script, "--help").stdout
     assert f"Usage: {script} [OPTIONS]" in out  # not "prefill.py prefill", which would fail if typed
+
+
+def test_options_that_do_not_fit_the_backend_are_refused(made, tmp_path):
+    _, cache, _ = made
+    assert "does not fit --backend cpu" in one_line_error(invoke("decode", "--cache", cache, "--device", "cuda:0"))
+    assert "does not fit --backend cpu" in one_line_error(invoke("prefill", "--device", "cuda:1", "--out",
+                                                                 tmp_path / "c.safetensors"))
+    assert "not among --backend cpu" in one_line_error(invoke("parity", "--cache", cache, "--ort-provider", "cpu",
+                                                              "-n", 2))
