@@ -83,61 +83,80 @@ def _case_gemv(k, s: Shapes, x: int, dtype, device):
     return fns, w.numel() * w.element_size()
 
 
+@dataclass
+class _DecodeAttention:
+    """One new token's packed q/k/v over `x` cached slots (batch 1), with the fused kernels' workspace."""
+
+    kc: torch.Tensor
+    vc: torch.Tensor
+    start: torch.Tensor
+    slot: torch.Tensor
+    qkv: torch.Tensor
+    positions: torch.Tensor
+    inv: torch.Tensor
+    q: torch.Tensor
+    scale: float
+    fused: object
+
+    @classmethod
+    def make(cls, k, s: Shapes, x: int, dtype, device) -> "_DecodeAttention":
+        kc, vc = (_rand(1, s.hk, x, s.d, dtype=dtype, device=device, seed=i) for i in (1, 2))
+        return cls(kc=kc, vc=vc, start=torch.zeros(1, dtype=torch.int32, device=device),
+                   slot=torch.full((1,), x - 1, dtype=torch.int32, device=device),
+                   qkv=_rand(1, (s.hq + 2 * s.hk) * s.d, dtype=dtype, device=device),
+                   positions=torch.full((1,), x - 1, dtype=torch.long, device=device),
+                   inv=1.0 / (10000 ** (torch.arange(0, s.d, 2, device=device).float() / s.d)),
+                   q=torch.empty(1, s.hq, s.d, dtype=dtype, device=device), scale=s.d ** -0.5,
+                   fused=k.attention.RopeAttention(1, s.hq, s.hk, s.d, x, device))
+
+    def fused_attention(self) -> None:
+        """RoPE + cache write + split attention (pass 1), as the decode step launches it."""
+        self.fused.rope_attention(self.qkv, self.positions, self.inv, 1.0, self.kc, self.vc, self.start, self.slot,
+                                  self.scale, 0, None, None, 1e-6, 0.0)
+
+    def torch_attention(self, k) -> torch.Tensor:
+        """The same job through the PyTorch references: [1, hq, d]."""
+        k.rope.qkv_rope_cache_torch_(self.qkv, self.positions, self.inv, 1.0, self.q, self.kc, self.vc, self.slot)
+        return k.attention.decode_attention_torch(self.q, self.kc, self.vc, self.start, self.slot, self.scale)
+
+    @property
+    def kv_bytes(self) -> int:
+        return 2 * self.kc.numel() * self.kc.element_size()
+
+
 def _case_attention(k, s: Shapes, x: int, dtype, device):
     """Decode attention of one new token over `x` cached slots (batch 1), with RoPE and the cache write fused in as
     the decode step runs it (`RopeAttention`): both sides do that whole job from the packed q/k/v projections."""
-    kc, vc = (_rand(1, s.hk, x, s.d, dtype=dtype, device=device, seed=i) for i in (1, 2))
-    start = torch.zeros(1, dtype=torch.int32, device=device)
-    slot = torch.full((1,), x - 1, dtype=torch.int32, device=device)
+    a = _DecodeAttention.make(k, s, x, dtype, device)
     out = torch.empty(1, s.hq, s.d, dtype=dtype, device=device)
-    scale = s.d ** -0.5
-    nbytes = 2 * kc.numel() * kc.element_size()
-    attention = k.attention
-    qkv = _rand(1, (s.hq + 2 * s.hk) * s.d, dtype=dtype, device=device)
-    positions = torch.full((1,), x - 1, dtype=torch.long, device=device)
-    inv = 1.0 / (10000 ** (torch.arange(0, s.d, 2, device=device).float() / s.d))
-    q = torch.empty(1, s.hq, s.d, dtype=dtype, device=device)
-    fused = attention.RopeAttention(1, s.hq, s.hk, s.d, x, device)
 
     def triton_():
-        fused.rope_attention(qkv, positions, inv, 1.0, kc, vc, start, slot, scale, 0, None, None, 1e-6, 0.0)
-        return fused.combine(out)
+        a.fused_attention()
+        return a.fused.combine(out)
 
     def torch_():
-        k.rope.qkv_rope_cache_torch_(qkv, positions, inv, 1.0, q, kc, vc, slot)
-        return attention.decode_attention_torch(q, kc, vc, start, slot, scale, out=out)
+        return out.copy_(a.torch_attention(k))
 
-    return {"triton": triton_, "torch": torch_}, nbytes
+    return {"triton": triton_, "torch": torch_}, a.kv_bytes
 
 
 def _case_attention_oproj(k, s: Shapes, x: int, dtype, device):
     """Batch 1 as the fast decode step runs it: RoPE + cache write + attention over `x` slots, then the combine folded
     into the output projection, added to the fp32 residual (`combine_oproj_`); against RoPE, attention and
     `F.linear` through PyTorch. Bytes: the keys and values read, and W_o."""
-    kc, vc = (_rand(1, s.hk, x, s.d, dtype=dtype, device=device, seed=i) for i in (1, 2))
-    start = torch.zeros(1, dtype=torch.int32, device=device)
-    slot = torch.full((1,), x - 1, dtype=torch.int32, device=device)
-    scale = s.d ** -0.5
-    attention = k.attention
-    qkv = _rand(1, (s.hq + 2 * s.hk) * s.d, dtype=dtype, device=device)
+    a = _DecodeAttention.make(k, s, x, dtype, device)
     wo = _rand(s.hidden, s.hq * s.d, dtype=dtype, device=device, seed=3) / (s.hq * s.d) ** 0.5
     h = torch.zeros(s.hidden, dtype=torch.float32, device=device)
-    positions = torch.full((1,), x - 1, dtype=torch.long, device=device)
-    inv = 1.0 / (10000 ** (torch.arange(0, s.d, 2, device=device).float() / s.d))
-    q = torch.empty(1, s.hq, s.d, dtype=dtype, device=device)
-    fused = attention.RopeAttention(1, s.hq, s.hk, s.d, x, device)
 
     def triton_():
-        fused.rope_attention(qkv, positions, inv, 1.0, kc, vc, start, slot, scale, 0, None, None, 1e-6, 0.0)
-        fused.combine_oproj_(wo, h)
+        a.fused_attention()
+        a.fused.combine_oproj_(wo, h)
         return h
 
     def torch_():
-        k.rope.qkv_rope_cache_torch_(qkv, positions, inv, 1.0, q, kc, vc, slot)
-        o = attention.decode_attention_torch(q, kc, vc, start, slot, scale)
-        return h.add_(torch.nn.functional.linear(o.reshape(1, -1), wo)[0].float())
+        return h.add_(torch.nn.functional.linear(a.torch_attention(k).reshape(1, -1), wo)[0].float())
 
-    return {"triton": triton_, "torch": torch_}, 2 * kc.numel() * kc.element_size() + wo.numel() * wo.element_size()
+    return {"triton": triton_, "torch": torch_}, a.kv_bytes + wo.numel() * wo.element_size()
 
 
 # name: (case builder, x axis name, the Shapes field holding the x values)
