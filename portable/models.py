@@ -16,6 +16,7 @@ in one thread); reading cold files is bounded by the disk. Caches written before
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import mmap
@@ -116,12 +117,21 @@ def _file_digest(file: Path) -> bytes:
 
 
 def fingerprint(path: Path) -> str:
-    """Config + the full content of every weight file of a model folder (see module docstring)."""
-    h = hashlib.sha256(_config_digest(path))
+    """Config + the full content of every weight file of a model folder (see module docstring). Computed once per
+    process for the same files: a decode with parity loads the model up to three times (candidate, CPU FP32
+    reference, calibration), and hashing a 1B model costs about a second each time."""
     weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-    for file in weights:
-        h.update(f"{file.name}:{file.stat().st_size}".encode())
-        h.update(_file_digest(file))
+    stamp = tuple((f.name, st.st_size, st.st_mtime_ns) for f in [path / "config.json", *weights] for st in [f.stat()])
+    return _fingerprint(path.resolve(), stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _fingerprint(path: Path, stamp: tuple) -> str:
+    """`stamp` (name, size, mtime of config and weight files) keys the cache: a rewritten file is hashed again."""
+    h = hashlib.sha256(_config_digest(path))
+    for name, size, _ in stamp[1:]:
+        h.update(f"{name}:{size}".encode())
+        h.update(_file_digest(path / name))
     return "sha256-full:" + h.hexdigest()[:32]
 
 

@@ -440,3 +440,15 @@ def test_store_ignores_a_folder_without_a_complete_manifest(tmp_path):
 def test_store_default_root_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("PORTABLE_CACHE_DIR", str(tmp_path))
     assert ArtifactStore().root == tmp_path / "artifacts"
+
+
+def test_the_fingerprint_is_hashed_once_per_process_until_a_file_changes(tiny_model, tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model("llama"), folder)
+    hashed = []
+    digest = models._file_digest
+    monkeypatch.setattr(models, "_file_digest", lambda file: hashed.append(file.name) or digest(file))
+    first = models.fingerprint(folder)
+    assert models.fingerprint(folder) == first and hashed == ["model.safetensors"]  # the second call read nothing
+    _scale_weight(folder, "model.layers.1.input_layernorm.weight", 3.0)
+    assert models.fingerprint(folder) != first and hashed == ["model.safetensors"] * 2
