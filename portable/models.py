@@ -8,9 +8,9 @@ A model's identity is recorded in every cache file so that decode can refuse a c
 fingerprint covers the config and every byte of every weight file (the safetensors header with names, shapes and
 dtypes, then each value as stored): one changed weight changes it. It is read from the files, never from the loaded
 tensors, so it is the same on every device and at every load precision. It stays cheap by hashing the files in
-16 MiB pieces on all cores (SHA-256 releases the GIL): 17 ms for the embedded model's 18 MB; for 2.5 GB (a 1B
-model in bf16) in the page cache, where model loading has just put them, 1.2 s on 2 cores and 0.21 s on 16 (2.7 s
-in one thread); reading cold files is bounded by the disk. Caches written before this scheme hold a sampled fingerprint
+16 MiB pieces on all cores (SHA-256 releases the GIL), once per process for unchanged files: 26 ms for the embedded
+model's 18 MB and 0.85 s for 2.5 GiB (a 1B model in bf16) in the page cache on 2 cores (BENCHMARKS.md); reading cold
+files is bounded by the disk. Caches written before this scheme hold a sampled fingerprint
 (prefix `sha256:`, 64 windows of 4 KiB) that cannot be compared with this one: decode says so (`older_fingerprint`).
 """
 
