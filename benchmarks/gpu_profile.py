@@ -47,6 +47,15 @@ VARIANTS = {
     "trigger last": dict(trigger="last"),
     "attn w4": dict(attention_warps=4),
     "attn bs64": dict(attention_block_s=64),
+    # batch 1, short caches: attention + output projection in one launch (the default up to 512 slots) or two
+    "split": dict(fused_attention_slots=0),
+    "fused always": dict(fused_attention_slots=1 << 30),
+    "fused bn16": dict(fused_block_n=16),
+    "fused bn64": dict(fused_block_n=64),
+    "fused bn64 w8": dict(fused_block_n=64, fused_warps=8),
+    "fused w8": dict(fused_warps=8),
+    "fused bs64": dict(fused_block_s=64),
+    "fused bs16": dict(fused_block_s=16),
 }
 
 
@@ -89,12 +98,14 @@ def main() -> None:
     parser.add_argument("models", nargs="+")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("gpu_profile.json"))
+    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens (the step measured is the first)")
+    parser.add_argument("--new", type=int, default=256, help="new tokens the static cache has room for")
     args = parser.parse_args()
     results = []
     for name in args.models:
         loaded = models.load(models.resolve(f"preset:{name}"), precision="bf16", device="cuda")
         hf = HFRunner(loaded, backend="cuda", precision="bf16", device=torch.device("cuda"))
-        ids = torch.randint(10, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(10, 1000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
         cache = hf.prefill(ids, torch.ones_like(ids))
         for variant in args.variants.split(","):
             v = VARIANTS[variant]
@@ -102,14 +113,15 @@ def main() -> None:
             for knob, value in v.items():
                 setattr(runner.decoder, knob, value)
             try:
-                runner.start(cache, 256)
+                runner.start(cache, args.new)
                 step_ms = replay_ms(runner)
                 kernels = profile(runner)
             except Exception as e:
                 print(json.dumps({"model": name, "variant": variant, "error": f"{type(e).__name__}: {e}"[:400]}))
                 continue
             total = sum(k["us_per_step"] for k in kernels.values())
-            row = {"model": name, "variant": variant, "graph_step_ms": round(step_ms, 4),
+            row = {"model": name, "variant": variant, "prompt": args.prompt, "new": args.new,
+                   "graph_step_ms": round(step_ms, 4),
                    "kernel_sum_us": round(total, 1), "kernels": kernels}
             results.append(row)
             print(f"{name} {variant:26s} graph step {step_ms * 1e3:7.1f} us  kernels {total:7.1f} us", flush=True)

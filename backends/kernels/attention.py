@@ -112,6 +112,91 @@ def decode_attention_torch(q, k_cache, v_cache, start, slot, scale, window=0, ou
 
 
 @triton.jit
+def _kv_block(kc_ptr, vc_ptr, base, sl, smask, stride_cs, HALF: tl.constexpr):
+    """The cached keys and values of slots `sl` (masked by `smask`) as first and second halves of the head dim."""
+    i = tl.arange(0, HALF)
+    kp = kc_ptr + base + sl[:, None] * stride_cs + i[None, :]
+    vp = vc_ptr + base + sl[:, None] * stride_cs + i[None, :]
+    return (tl.load(kp, mask=smask[:, None], other=0.0), tl.load(kp + HALF, mask=smask[:, None], other=0.0),
+            tl.load(vp, mask=smask[:, None], other=0.0), tl.load(vp + HALF, mask=smask[:, None], other=0.0))
+
+
+@triton.jit
+def _rope_query(row, heads, gmask, qn_ptr, eps, norm_offset, c, s, scale, kc_ptr, HAS_QK_NORM: tl.constexpr,
+                HALF: tl.constexpr):
+    """The new token's query heads `heads` from its packed projections `row`: q norm (Qwen3, Gemma3), RoPE and the
+    softmax scale, rounded to the cache dtype; returned as the two halves of the head dim."""
+    D: tl.constexpr = 2 * HALF
+    i = tl.arange(0, HALF)
+    q1 = tl.load(row + heads[:, None] * D + i[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+    q2 = tl.load(row + heads[:, None] * D + HALF + i[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+    if HAS_QK_NORM:
+        qr = tl.rsqrt((tl.sum(q1 * q1, axis=1) + tl.sum(q2 * q2, axis=1)) / D + eps)
+        q1 = q1 * qr[:, None] * (tl.load(qn_ptr + i).to(tl.float32) + norm_offset)[None, :]
+        q2 = q2 * qr[:, None] * (tl.load(qn_ptr + HALF + i).to(tl.float32) + norm_offset)[None, :]
+    cache_ty = kc_ptr.dtype.element_ty
+    q1, q2 = (q1 * c[None, :] - q2 * s[None, :]) * scale, (q2 * c[None, :] + q1 * s[None, :]) * scale
+    return q1.to(cache_ty), q2.to(cache_ty)
+
+
+@triton.jit
+def _rope_new_kv(row, kvh, HQ, HK, kn_ptr, eps, norm_offset, c, s, kc_ptr, HAS_QK_NORM: tl.constexpr,
+                 HALF: tl.constexpr):
+    """The new token's key (k norm, RoPE) and value of kv head `kvh`, in the cache dtype, as halves."""
+    D: tl.constexpr = 2 * HALF
+    i = tl.arange(0, HALF)
+    cache_ty = kc_ptr.dtype.element_ty
+    k1 = tl.load(row + (HQ + kvh) * D + i).to(tl.float32)
+    k2 = tl.load(row + (HQ + kvh) * D + HALF + i).to(tl.float32)
+    if HAS_QK_NORM:
+        kr = tl.rsqrt((tl.sum(k1 * k1, axis=0) + tl.sum(k2 * k2, axis=0)) / D + eps)
+        k1 = k1 * kr * (tl.load(kn_ptr + i).to(tl.float32) + norm_offset)
+        k2 = k2 * kr * (tl.load(kn_ptr + HALF + i).to(tl.float32) + norm_offset)
+    k1, k2 = (k1 * c - k2 * s).to(cache_ty), (k2 * c + k1 * s).to(cache_ty)
+    v1 = tl.load(row + (HQ + HK + kvh) * D + i).to(cache_ty)
+    v2 = tl.load(row + (HQ + HK + kvh) * D + HALF + i).to(cache_ty)
+    return k1, k2, v1, v2
+
+
+@triton.jit
+def _store_new_kv(kc_ptr, vc_ptr, off, k1, k2, v1, v2, HALF: tl.constexpr):
+    i = tl.arange(0, HALF)
+    tl.store(kc_ptr + off + i, k1)
+    tl.store(kc_ptr + off + HALF + i, k2)
+    tl.store(vc_ptr + off + i, v1)
+    tl.store(vc_ptr + off + HALF + i, v2)
+
+
+@triton.jit
+def _attend_block(q1, q2, ka, kb, va, vb, smask, m_i, l_i, acc1, acc2, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """Online-softmax update of (max, sum, weighted values) with a block of cached slots (`smask`: which count)."""
+    scores = _qk(q1, ka, USE_DOT, IEEE) + _qk(q2, kb, USE_DOT, IEEE)
+    scores = tl.where(smask[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(scores - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc1 = acc1 * alpha[:, None] + _pv(p, va, USE_DOT, IEEE)
+    acc2 = acc2 * alpha[:, None] + _pv(p, vb, USE_DOT, IEEE)
+    return m_new, l_i, acc1, acc2
+
+
+@triton.jit
+def _attend_new(q1, q2, k1, k2, v1, v2, m_i, l_i, acc1, acc2):
+    """The same update with the new token's key and value, from registers."""
+    s_new = tl.sum(q1.to(tl.float32) * k1.to(tl.float32)[None, :], axis=1) + \
+        tl.sum(q2.to(tl.float32) * k2.to(tl.float32)[None, :], axis=1)
+    m_new = tl.maximum(m_i, s_new)
+    alpha = tl.exp(m_i - m_new)
+    p_new = tl.exp(s_new - m_new)
+    l_i = l_i * alpha + p_new
+    acc1 = acc1 * alpha[:, None] + p_new[:, None] * v1.to(tl.float32)[None, :]
+    acc2 = acc2 * alpha[:, None] + p_new[:, None] * v2.to(tl.float32)[None, :]
+    return m_new, l_i, acc1, acc2
+
+
+@triton.jit
 def _rope_attn_partial_kernel(
         qkv_ptr, pos_ptr, inv_freq_ptr, rope_scaling, qn_ptr, kn_ptr, eps, norm_offset,
         kc_ptr, vc_ptr, start_ptr, slot_ptr, m_ptr, l_ptr, acc_ptr, window, scale,
@@ -146,23 +231,10 @@ def _rope_attn_partial_kernel(
     base = b * stride_cb + kvh * stride_ch
     sl0 = chunk * CHUNK + tl.arange(0, BLOCK_S)
     smask0 = (sl0 >= lo) & (sl0 < cur)  # the new slot is counted from registers below
-    kp0 = kc_ptr + base + sl0[:, None] * stride_cs + i[None, :]
-    vp0 = vc_ptr + base + sl0[:, None] * stride_cs + i[None, :]
-    k0a = tl.load(kp0, mask=smask0[:, None], other=0.0)
-    k0b = tl.load(kp0 + HALF, mask=smask0[:, None], other=0.0)
-    v0a = tl.load(vp0, mask=smask0[:, None], other=0.0)
-    v0b = tl.load(vp0 + HALF, mask=smask0[:, None], other=0.0)
+    k0a, k0b, v0a, v0b = _kv_block(kc_ptr, vc_ptr, base, sl0, smask0, stride_cs, HALF)
     pdl_wait(USE_PDL)
     row = qkv_ptr + b * stride_qkv
-    q1 = tl.load(row + heads[:, None] * D + i[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
-    q2 = tl.load(row + heads[:, None] * D + HALF + i[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
-    if HAS_QK_NORM:
-        qr = tl.rsqrt((tl.sum(q1 * q1, axis=1) + tl.sum(q2 * q2, axis=1)) / D + eps)
-        q1 = q1 * qr[:, None] * (tl.load(qn_ptr + i).to(tl.float32) + norm_offset)[None, :]
-        q2 = q2 * qr[:, None] * (tl.load(qn_ptr + HALF + i).to(tl.float32) + norm_offset)[None, :]
-    cache_ty = kc_ptr.dtype.element_ty
-    q1, q2 = (q1 * c[None, :] - q2 * s[None, :]) * scale, (q2 * c[None, :] + q1 * s[None, :]) * scale
-    q1, q2 = q1.to(cache_ty), q2.to(cache_ty)
+    q1, q2 = _rope_query(row, heads, gmask, qn_ptr, eps, norm_offset, c, s, scale, kc_ptr, HAS_QK_NORM, HALF)
     m_i = tl.full([GROUP_P2], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_P2], tl.float32)
     acc1 = tl.zeros([GROUP_P2, HALF], tl.float32)
@@ -173,46 +245,12 @@ def _rope_attn_partial_kernel(
         else:
             sl = chunk * CHUNK + blk * BLOCK_S + tl.arange(0, BLOCK_S)
             smask = (sl >= lo) & (sl < cur)
-            kp = kc_ptr + base + sl[:, None] * stride_cs + i[None, :]
-            vp = vc_ptr + base + sl[:, None] * stride_cs + i[None, :]
-            ka = tl.load(kp, mask=smask[:, None], other=0.0)
-            kb = tl.load(kp + HALF, mask=smask[:, None], other=0.0)
-            va = tl.load(vp, mask=smask[:, None], other=0.0)
-            vb = tl.load(vp + HALF, mask=smask[:, None], other=0.0)
-        scores = _qk(q1, ka, USE_DOT, IEEE) + _qk(q2, kb, USE_DOT, IEEE)
-        scores = tl.where(smask[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(scores - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc1 = acc1 * alpha[:, None] + _pv(p, va, USE_DOT, IEEE)
-        acc2 = acc2 * alpha[:, None] + _pv(p, vb, USE_DOT, IEEE)
-        m_i = m_new
+            ka, kb, va, vb = _kv_block(kc_ptr, vc_ptr, base, sl, smask, stride_cs, HALF)
+        m_i, l_i, acc1, acc2 = _attend_block(q1, q2, ka, kb, va, vb, smask, m_i, l_i, acc1, acc2, USE_DOT, IEEE)
     if (cur >= chunk * CHUNK) & (cur < (chunk + 1) * CHUNK):
-        k1 = tl.load(row + (HQ + kvh) * D + i).to(tl.float32)
-        k2 = tl.load(row + (HQ + kvh) * D + HALF + i).to(tl.float32)
-        if HAS_QK_NORM:
-            kr = tl.rsqrt((tl.sum(k1 * k1, axis=0) + tl.sum(k2 * k2, axis=0)) / D + eps)
-            k1 = k1 * kr * (tl.load(kn_ptr + i).to(tl.float32) + norm_offset)
-            k2 = k2 * kr * (tl.load(kn_ptr + HALF + i).to(tl.float32) + norm_offset)
-        k1, k2 = (k1 * c - k2 * s).to(cache_ty), (k2 * c + k1 * s).to(cache_ty)
-        v1 = tl.load(row + (HQ + HK + kvh) * D + i).to(cache_ty)
-        v2 = tl.load(row + (HQ + HK + kvh) * D + HALF + i).to(cache_ty)
-        off = base + cur * stride_cs
-        tl.store(kc_ptr + off + i, k1)
-        tl.store(kc_ptr + off + HALF + i, k2)
-        tl.store(vc_ptr + off + i, v1)
-        tl.store(vc_ptr + off + HALF + i, v2)
-        s_new = tl.sum(q1.to(tl.float32) * k1.to(tl.float32)[None, :], axis=1) + \
-            tl.sum(q2.to(tl.float32) * k2.to(tl.float32)[None, :], axis=1)
-        m_new = tl.maximum(m_i, s_new)
-        alpha = tl.exp(m_i - m_new)
-        p_new = tl.exp(s_new - m_new)
-        l_i = l_i * alpha + p_new
-        acc1 = acc1 * alpha[:, None] + p_new[:, None] * v1.to(tl.float32)[None, :]
-        acc2 = acc2 * alpha[:, None] + p_new[:, None] * v2.to(tl.float32)[None, :]
-        m_i = m_new
+        k1, k2, v1, v2 = _rope_new_kv(row, kvh, HQ, HK, kn_ptr, eps, norm_offset, c, s, kc_ptr, HAS_QK_NORM, HALF)
+        _store_new_kv(kc_ptr, vc_ptr, base + cur * stride_cs, k1, k2, v1, v2, HALF)
+        m_i, l_i, acc1, acc2 = _attend_new(q1, q2, k1, k2, v1, v2, m_i, l_i, acc1, acc2)
     out = (b * HQ + heads) * n_chunks + chunk
     tl.store(m_ptr + out, m_i, mask=gmask)
     tl.store(l_ptr + out, l_i, mask=gmask)
@@ -252,6 +290,69 @@ def _combine_oproj_kernel(m_ptr, l_ptr, acc_ptr, w_ptr, h_ptr, N, n_chunks, stri
     tl.atomic_add(h_ptr + rn, y, mask=rn < N)
 
 
+@triton.jit
+def _rope_attn_oproj_kernel(
+        qkv_ptr, pos_ptr, inv_freq_ptr, rope_scaling, qn_ptr, kn_ptr, eps, norm_offset,
+        kc_ptr, vc_ptr, start_ptr, slot_ptr, window, scale, w_ptr, h_ptr, N, HQ, HK, stride_ch, stride_cs, stride_w,
+        GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HALF: tl.constexpr, BLOCK_S: tl.constexpr,
+        BLOCK_N: tl.constexpr, HAS_QK_NORM: tl.constexpr, USE_PDL: tl.constexpr):
+    """Batch 1, short caches: RoPE, cache write, the whole attention of one kv head's query group and its share of the
+    output projection in one launch. Program (row block, kv head) attends over every slot itself (each row block
+    repeats that work: cheap while the cache is short, `FastDecoder.fused_attention_slots`), then adds
+    W_o[rows, the group's columns] . o to the fp32 residual atomically; the program of row block 0 writes the new
+    key and value into the cache (the others take them from registers, and read only older slots)."""
+    pid_n = tl.program_id(0)
+    kvh = tl.program_id(1)
+    D: tl.constexpr = 2 * HALF
+    pdl_prologue(USE_PDL)
+    # Before the wait, as in _rope_attn_partial_kernel: the weight tile, the slot, the rotation and the first block
+    # of cached keys and values do not depend on the GEMV that writes qkv.
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    g = tl.arange(0, GROUP_P2)
+    gmask = g < GROUP
+    i = tl.arange(0, HALF)
+    heads = kvh * GROUP + g
+    wp = w_ptr + rn[:, None, None] * stride_w + heads[None, :, None] * D + i[None, None, :]  # [BLOCK_N, G, HALF]
+    wmask = nmask[:, None, None] & gmask[None, :, None]
+    w1 = tl.load(wp, mask=wmask, other=0.0)
+    w2 = tl.load(wp + HALF, mask=wmask, other=0.0)
+    cur = tl.load(slot_ptr)
+    lo = tl.load(start_ptr)
+    if window > 0:
+        lo = tl.maximum(lo, cur - window + 1)
+    angle = tl.load(pos_ptr).to(tl.float32) * tl.load(inv_freq_ptr + i)
+    c = tl.cos(angle) * rope_scaling
+    s = tl.sin(angle) * rope_scaling
+    base = kvh * stride_ch
+    first = lo // BLOCK_S * BLOCK_S
+    sl0 = first + tl.arange(0, BLOCK_S)
+    smask0 = (sl0 >= lo) & (sl0 < cur)
+    k0a, k0b, v0a, v0b = _kv_block(kc_ptr, vc_ptr, base, sl0, smask0, stride_cs, HALF)
+    pdl_wait(USE_PDL)
+    q1, q2 = _rope_query(qkv_ptr, heads, gmask, qn_ptr, eps, norm_offset, c, s, scale, kc_ptr, HAS_QK_NORM, HALF)
+    k1, k2, v1, v2 = _rope_new_kv(qkv_ptr, kvh, HQ, HK, kn_ptr, eps, norm_offset, c, s, kc_ptr, HAS_QK_NORM, HALF)
+    if pid_n == 0:
+        _store_new_kv(kc_ptr, vc_ptr, base + cur * stride_cs, k1, k2, v1, v2, HALF)
+    m_i = tl.full([GROUP_P2], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_P2], tl.float32)
+    acc1 = tl.zeros([GROUP_P2, HALF], tl.float32)
+    acc2 = tl.zeros([GROUP_P2, HALF], tl.float32)
+    m_i, l_i, acc1, acc2 = _attend_new(q1, q2, k1, k2, v1, v2, m_i, l_i, acc1, acc2)
+    m_i, l_i, acc1, acc2 = _attend_block(q1, q2, k0a, k0b, v0a, v0b, smask0, m_i, l_i, acc1, acc2, False, False)
+    for s0 in range(first + BLOCK_S, cur, BLOCK_S):
+        sl = s0 + tl.arange(0, BLOCK_S)
+        smask = sl < cur
+        ka, kb, va, vb = _kv_block(kc_ptr, vc_ptr, base, sl, smask, stride_cs, HALF)
+        m_i, l_i, acc1, acc2 = _attend_block(q1, q2, ka, kb, va, vb, smask, m_i, l_i, acc1, acc2, False, False)
+    o_ty = w_ptr.dtype.element_ty  # o rounded to the model's dtype, as the unfused path stores it
+    o1 = (acc1 / l_i[:, None]).to(o_ty).to(tl.float32)
+    o2 = (acc2 / l_i[:, None]).to(o_ty).to(tl.float32)
+    y = tl.sum(tl.sum(w1.to(tl.float32) * o1[None, :, :], axis=2), axis=1) + \
+        tl.sum(tl.sum(w2.to(tl.float32) * o2[None, :, :], axis=2), axis=1)
+    tl.atomic_add(h_ptr + rn, y, mask=nmask)
+
+
 class RopeAttention(DecodeAttention):
     """RoPE + cache write + attention in two launches (`rope_attention`), and for batch 1 optionally the output
     projection folded into the second (`rope_attention_oproj_`)."""
@@ -288,3 +389,18 @@ class RopeAttention(DecodeAttention):
             self.m, self.l, self.acc, wo, h, n, self.n_chunks, wo.stride(0), D=d,
             CHUNKS_P2=triton.next_power_of_2(self.n_chunks), BLOCK_N=block_n, HEADS=heads, USE_PDL=pdl,
             num_warps=num_warps, **launch_options(pdl))
+
+    def rope_attention_oproj_(self, qkv, positions, inv_freq, rope_scaling, k_cache, v_cache, start, slot, scale,
+                              window, q_norm, k_norm, eps, norm_offset, wo, h, pdl=False, block_n=32, num_warps=4,
+                              block_s=32):
+        """Batch 1: h (fp32 [hidden]) += W_o . attention of the new token, in one launch (`_rope_attn_oproj_kernel`);
+        the cost grows with the number of slots in use, so the caller keeps it to short caches."""
+        _, hq, hk, d = self.shape
+        n = wo.shape[0]
+        has_norm = q_norm is not None
+        _rope_attn_oproj_kernel[(triton.cdiv(n, block_n), hk)](
+            qkv, positions, inv_freq, rope_scaling, q_norm if has_norm else qkv, k_norm if has_norm else qkv, eps,
+            norm_offset, k_cache, v_cache, start, slot, window, scale, wo, h, n, hq, hk, k_cache.stride(1),
+            k_cache.stride(2), wo.stride(0), GROUP=self.group, GROUP_P2=triton.next_power_of_2(self.group),
+            HALF=d // 2, BLOCK_S=block_s, BLOCK_N=block_n, HAS_QK_NORM=has_norm, USE_PDL=pdl, num_warps=num_warps,
+            **launch_options(pdl))
