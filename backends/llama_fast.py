@@ -109,11 +109,6 @@ class FastDecoder:
         # 128-row programs for the combine + output projection.
         self.oproj_block_n, self.oproj_warps, self.oproj_heads = 128, 4, 1
         self.attention_block_s, self.attention_warps = 32, 8
-        # Batch 1 with at most this many cache slots: attention and output projection in one launch per layer, every
-        # row block of W_o attending over the whole cache itself (`rope_attention_oproj_`); longer caches split the
-        # attention over chunks of slots first (two launches).
-        self.fused_attention_slots = 512
-        self.fused_block_n, self.fused_warps, self.fused_block_s = 32, 4, 32
         inner = model.model
         self.dtype = inner.embed_tokens.weight.dtype
         self.device = inner.embed_tokens.weight.device
@@ -197,10 +192,6 @@ class FastDecoder:
     def _fused(self) -> bool:
         return self.kernels == "triton" and self.shape[0] == 1
 
-    def fused_attention(self) -> bool:
-        """Whether a batch-1 step does attention and output projection in one launch per layer (short caches)."""
-        return self._fused() and not self.gemma and self.shape[1] <= self.fused_attention_slots
-
     def step(self) -> torch.Tensor:
         """One decode step for `self.tokens`; advances positions and the slot; returns logits [batch, vocab]."""
         triton_ = self.kernels == "triton"
@@ -243,17 +234,11 @@ class FastDecoder:
         for i, layer in enumerate(self.layers):
             gemv.gemv(h, layer.wqkv, self.qkv[0], norm_w=layer.ln1, eps=eps, norm_offset=off, config=cfg.get("qkv"),
                       **pdl)
+            self._attend(i, layer, combine=self.gemma)
             if self.gemma:
-                self._attend(i, layer)
                 gemv.gemv(o, layer.wo, self.tmp[0], **pdl)
                 rmsnorm_add(self.tmp, self.h, layer.post_attn, eps, off)
-            elif self.fused_attention():
-                self.attention.rope_attention_oproj_(
-                    self.qkv, self.positions, layer.inv_freq, layer.rope_scaling, self.k_cache[i], self.v_cache[i],
-                    self.start, self.slot, self.scale, layer.window, layer.q_norm, layer.k_norm, eps, off, layer.wo,
-                    h, self.pdl, self.fused_block_n, self.fused_warps, self.fused_block_s)
             else:
-                self._attend(i, layer, combine=False)
                 self.attention.combine_oproj_(layer.wo, h, self.pdl, self.oproj_block_n, self.oproj_warps,
                                               self.oproj_heads)
             gemv.gemv(h, layer.wg, self.mlp[0], norm_w=layer.ln2, eps=eps, norm_offset=off, up=layer.wu,
@@ -367,7 +352,7 @@ class FastRunner:
                 "layers": len(d.layers), "heads": [d.hq, d.hk, d.d], "mlp": d.layers[0].wg.shape[0],
                 "vocab": d.head.shape[0], "windows": sorted({layer.window for layer in d.layers}),
                 "dtype": str(d.dtype), "batch": d.shape[0], "chunks_p2": triton.next_power_of_2(d.attention.n_chunks),
-                "kernels": d.kernels, "pdl": d.pdl, "fused_attention": d.fused_attention(), "gpu": torch.cuda.get_device_name(self._device),
+                "kernels": d.kernels, "pdl": d.pdl, "gpu": torch.cuda.get_device_name(self._device),
                 "capability": list(torch.cuda.get_device_capability(self._device)), "triton": triton.__version__,
                 "torch": torch.__version__, "portable": __version__, "kernel_sources": sources.hexdigest()[:16]}
 

@@ -47,17 +47,6 @@ VARIANTS = {
     "trigger last": dict(trigger="last"),
     "attn w4": dict(attention_warps=4),
     "attn bs64": dict(attention_block_s=64),
-    # batch 1, short caches: attention + output projection in one launch (the default up to 512 slots) or two
-    "split": dict(fused_attention_slots=0),
-    "fused always": dict(fused_attention_slots=1 << 30),
-    "fused bn16": dict(fused_block_n=16),
-    "fused bn64": dict(fused_block_n=64),
-    "fused bn64 w8": dict(fused_block_n=64, fused_warps=8),
-    "fused w8": dict(fused_warps=8),
-    "fused bs64": dict(fused_block_s=64),
-    "fused bs16": dict(fused_block_s=16),
-    "fused bn64 bs64": dict(fused_block_n=64, fused_block_s=64),
-    "fused bn128 w8": dict(fused_block_n=128, fused_warps=8),
 }
 
 

@@ -11,7 +11,10 @@ into the cache, and writes each chunk's running max, sum and weighted values; pa
 batch 1 combines them inside the output projection. Slots outside a sequence's valid range are masked (their loads
 fetch nothing). Measured on an H100: a single program per kv head looping over the whole cache was slower (too few
 programs), and folding RoPE and the combine into neighbouring launches cost the same as separate launches under
-programmatic dependent launch, but leaves fewer kernels to maintain.
+programmatic dependent launch, but leaves fewer kernels to maintain. On an H200 (commit 09c79ff), one launch per layer
+doing RoPE, cache write, attention and W_o (every row block of W_o attending over the whole cache) was no faster
+than these two launches with one slot in use (841.8 vs 840.4 us per Llama-3.2-1B step) and slower with more
+(904.5 vs 826.2 us at 64 slots): the step is bound by its chain of dependent memory round trips, not by launches.
 """
 
 from __future__ import annotations
@@ -108,7 +111,6 @@ def decode_attention_torch(q, k_cache, v_cache, start, slot, scale, window=0, ou
         out.copy_(res)
         return out
     return res
-
 
 
 @triton.jit
@@ -290,69 +292,6 @@ def _combine_oproj_kernel(m_ptr, l_ptr, acc_ptr, w_ptr, h_ptr, N, n_chunks, stri
     tl.atomic_add(h_ptr + rn, y, mask=rn < N)
 
 
-@triton.jit
-def _rope_attn_oproj_kernel(
-        qkv_ptr, pos_ptr, inv_freq_ptr, rope_scaling, qn_ptr, kn_ptr, eps, norm_offset,
-        kc_ptr, vc_ptr, start_ptr, slot_ptr, window, scale, w_ptr, h_ptr, N, HQ, HK, stride_ch, stride_cs, stride_w,
-        GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HALF: tl.constexpr, BLOCK_S: tl.constexpr,
-        BLOCK_N: tl.constexpr, HAS_QK_NORM: tl.constexpr, USE_PDL: tl.constexpr):
-    """Batch 1, short caches: RoPE, cache write, the whole attention of one kv head's query group and its share of the
-    output projection in one launch. Program (row block, kv head) attends over every slot itself (each row block
-    repeats that work: cheap while the cache is short, `FastDecoder.fused_attention_slots`), then adds
-    W_o[rows, the group's columns] . o to the fp32 residual atomically; the program of row block 0 writes the new
-    key and value into the cache (the others take them from registers, and read only older slots)."""
-    pid_n = tl.program_id(0)
-    kvh = tl.program_id(1)
-    D: tl.constexpr = 2 * HALF
-    pdl_prologue(USE_PDL)
-    # Before the wait, as in _rope_attn_partial_kernel: the weight tile, the slot, the rotation and the first block
-    # of cached keys and values do not depend on the GEMV that writes qkv.
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = rn < N
-    g = tl.arange(0, GROUP_P2)
-    gmask = g < GROUP
-    i = tl.arange(0, HALF)
-    heads = kvh * GROUP + g
-    wp = w_ptr + rn[:, None, None] * stride_w + heads[None, :, None] * D + i[None, None, :]  # [BLOCK_N, G, HALF]
-    wmask = nmask[:, None, None] & gmask[None, :, None]
-    w1 = tl.load(wp, mask=wmask, other=0.0)
-    w2 = tl.load(wp + HALF, mask=wmask, other=0.0)
-    cur = tl.load(slot_ptr)
-    lo = tl.load(start_ptr)
-    if window > 0:
-        lo = tl.maximum(lo, cur - window + 1)
-    angle = tl.load(pos_ptr).to(tl.float32) * tl.load(inv_freq_ptr + i)
-    c = tl.cos(angle) * rope_scaling
-    s = tl.sin(angle) * rope_scaling
-    base = kvh * stride_ch
-    first = lo // BLOCK_S * BLOCK_S
-    sl0 = first + tl.arange(0, BLOCK_S)
-    smask0 = (sl0 >= lo) & (sl0 < cur)
-    k0a, k0b, v0a, v0b = _kv_block(kc_ptr, vc_ptr, base, sl0, smask0, stride_cs, HALF)
-    pdl_wait(USE_PDL)
-    q1, q2 = _rope_query(qkv_ptr, heads, gmask, qn_ptr, eps, norm_offset, c, s, scale, kc_ptr, HAS_QK_NORM, HALF)
-    k1, k2, v1, v2 = _rope_new_kv(qkv_ptr, kvh, HQ, HK, kn_ptr, eps, norm_offset, c, s, kc_ptr, HAS_QK_NORM, HALF)
-    if pid_n == 0:
-        _store_new_kv(kc_ptr, vc_ptr, base + cur * stride_cs, k1, k2, v1, v2, HALF)
-    m_i = tl.full([GROUP_P2], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_P2], tl.float32)
-    acc1 = tl.zeros([GROUP_P2, HALF], tl.float32)
-    acc2 = tl.zeros([GROUP_P2, HALF], tl.float32)
-    m_i, l_i, acc1, acc2 = _attend_new(q1, q2, k1, k2, v1, v2, m_i, l_i, acc1, acc2)
-    m_i, l_i, acc1, acc2 = _attend_block(q1, q2, k0a, k0b, v0a, v0b, smask0, m_i, l_i, acc1, acc2, False, False)
-    for s0 in range(first + BLOCK_S, cur, BLOCK_S):
-        sl = s0 + tl.arange(0, BLOCK_S)
-        smask = sl < cur
-        ka, kb, va, vb = _kv_block(kc_ptr, vc_ptr, base, sl, smask, stride_cs, HALF)
-        m_i, l_i, acc1, acc2 = _attend_block(q1, q2, ka, kb, va, vb, smask, m_i, l_i, acc1, acc2, False, False)
-    o_ty = w_ptr.dtype.element_ty  # o rounded to the model's dtype, as the unfused path stores it
-    o1 = (acc1 / l_i[:, None]).to(o_ty).to(tl.float32)
-    o2 = (acc2 / l_i[:, None]).to(o_ty).to(tl.float32)
-    y = tl.sum(tl.sum(w1.to(tl.float32) * o1[None, :, :], axis=2), axis=1) + \
-        tl.sum(tl.sum(w2.to(tl.float32) * o2[None, :, :], axis=2), axis=1)
-    tl.atomic_add(h_ptr + rn, y, mask=nmask)
-
-
 class RopeAttention(DecodeAttention):
     """RoPE + cache write + attention in two launches (`rope_attention`), and for batch 1 optionally the output
     projection folded into the second (`rope_attention_oproj_`)."""
@@ -389,18 +328,3 @@ class RopeAttention(DecodeAttention):
             self.m, self.l, self.acc, wo, h, n, self.n_chunks, wo.stride(0), D=d,
             CHUNKS_P2=triton.next_power_of_2(self.n_chunks), BLOCK_N=block_n, HEADS=heads, USE_PDL=pdl,
             num_warps=num_warps, **launch_options(pdl))
-
-    def rope_attention_oproj_(self, qkv, positions, inv_freq, rope_scaling, k_cache, v_cache, start, slot, scale,
-                              window, q_norm, k_norm, eps, norm_offset, wo, h, pdl=False, block_n=32, num_warps=4,
-                              block_s=32):
-        """Batch 1: h (fp32 [hidden]) += W_o . attention of the new token, in one launch (`_rope_attn_oproj_kernel`);
-        the cost grows with the number of slots in use, so the caller keeps it to short caches."""
-        _, hq, hk, d = self.shape
-        n = wo.shape[0]
-        has_norm = q_norm is not None
-        _rope_attn_oproj_kernel[(triton.cdiv(n, block_n), hk)](
-            qkv, positions, inv_freq, rope_scaling, q_norm if has_norm else qkv, k_norm if has_norm else qkv, eps,
-            norm_offset, k_cache, v_cache, start, slot, window, scale, wo, h, n, hq, hk, k_cache.stride(1),
-            k_cache.stride(2), wo.stride(0), GROUP=self.group, GROUP_P2=triton.next_power_of_2(self.group),
-            HALF=d // 2, BLOCK_S=block_s, BLOCK_N=block_n, HAS_QK_NORM=has_norm, USE_PDL=pdl, num_warps=num_warps,
-            **launch_options(pdl))
