@@ -5,6 +5,10 @@ one device in one precision and does two things: `prefill` a batch of prompts in
 `start(cache)`, `decode_step` one token per sequence. Everything else (sampling, stop conditions, timing, parity)
 is the decode loop's business and identical for every backend.
 
+A runner may also offer `greedy_steps(tokens, count) -> [batch, count]` ids on its device: `count` greedy steps
+where each step's argmax (the first maximal id) is fed to the next without the host (the CUDA fast path captures the
+pick in its graph); the decode loop uses it for greedy decoding without a repetition penalty.
+
 Tensors cross the boundary as torch tensors: token ids [batch] int64 on `runner.device`, logits [batch, vocab] on
 `runner.device` (any float dtype; the loop reads them as float32).
 """

@@ -167,6 +167,10 @@ class FastDecoder:
         self.mlp = torch.zeros(batch, self.layers[0].wg.shape[0], dtype=dt, device=dev)
         self.tmp = torch.zeros(batch, hidden, dtype=dt, device=dev)
         self.logits = torch.zeros(batch, self.head.shape[0], dtype=torch.float32, device=dev)
+        self.history = torch.zeros(batch, slots, dtype=torch.long, device=dev)  # greedy picks, by the slot they feed
+        blocks = gemv.argmax_blocks(*self.head.shape, self.gemv_configs.get("head"))
+        self.amax = torch.zeros(blocks, dtype=torch.float32, device=dev)
+        self.aidx = torch.zeros(blocks, dtype=torch.int32, device=dev)
         self.attention = attention.RopeAttention(batch, self.hq, self.hk, self.d, slots, dev,
                                                  block_s=self.attention_block_s)
         self.attention.num_warps = self.attention_warps
@@ -192,15 +196,28 @@ class FastDecoder:
     def _fused(self) -> bool:
         return self.kernels == "triton" and self.shape[0] == 1
 
-    def step(self) -> torch.Tensor:
-        """One decode step for `self.tokens`; advances positions and the slot; returns logits [batch, vocab]."""
+    def step(self, greedy: bool = False) -> torch.Tensor:
+        """One decode step for `self.tokens`; advances positions and the slot; returns logits [batch, vocab].
+
+        `greedy`: the step also picks the argmax of the logits (the first maximal id, as `Sampler.pick_on_device`),
+        writes it to `self.tokens` as the next step's input and to `self.history[:, slot]`, so that consecutive
+        greedy steps (one CUDA graph each) need nothing from the host between them."""
         triton_ = self.kernels == "triton"
         (step.embed_ if triton_ else step.embed_torch_)(self.tokens, self.embed, self.h, self.embed_scale, self.pdl)
         if self._fused():
-            self._layers_gemv()
+            self._layers_gemv(greedy)
         else:
             self._layers_matmul()
-        (step.advance_ if triton_ else step.advance_torch_)(self.positions, self.slot, self.pdl)
+        pick = None
+        if greedy and self._fused():  # the head GEMV left per-block maxima: the advance kernel finishes the argmax
+            pick = (self.amax, self.aidx, self.tokens, self.history[0])
+        elif greedy:
+            self.tokens.copy_(self.logits.argmax(dim=-1))
+            self.history.scatter_(1, self.slot.long().expand(self.shape[0], 1), self.tokens[:, None])
+        if triton_:
+            step.advance_(self.positions, self.slot, self.pdl, pick=pick)
+        else:
+            step.advance_torch_(self.positions, self.slot, self.pdl)
         return self.logits
 
     def _k(self):
@@ -226,7 +243,7 @@ class FastDecoder:
         attention.decode_attention_torch(self.q, self.k_cache[i], self.v_cache[i], self.start, self.slot, self.scale,
                                          layer.window, out=self.o)
 
-    def _layers_gemv(self) -> None:
+    def _layers_gemv(self, greedy: bool = False) -> None:
         rmsnorm_add = norms.rmsnorm_add_
         h, o, eps, off = self.h[0], self.o.view(-1), self.eps, self.offset
         pdl = {"pdl": self.pdl, "prefetch": self.prefetch, "preload": self.preload, "trigger": self.trigger}
@@ -249,7 +266,7 @@ class FastDecoder:
             else:
                 gemv.gemv(self.mlp[0], layer.wd, h, accumulate=True, config=cfg.get("down"), **pdl)
         gemv.gemv(h, self.head, self.logits[0], norm_w=self.final_norm, eps=eps, norm_offset=off,
-                  config=cfg.get("head"), **pdl)
+                  config=cfg.get("head"), argmax=(self.amax, self.aidx) if greedy else None, **pdl)
 
     def _layers_matmul(self) -> None:
         rmsnorm, rmsnorm_add, gated = self._k()
@@ -310,8 +327,9 @@ class FastRunner:
         self.decoder = FastDecoder(loaded.model, kernels=config.kernels, pdl=pdl_supported(self._device)
                                    if pdl is None else pdl)
         self.graphs = self._device.type == "cuda" if graphs is None else graphs
-        self._graph = None
+        self._graph = self._greedy_graph = None
         self._graph_shape = None
+        self._slot = 0
         self.info = self.hf.info
         self.info.details = {"path": "fast", "kernels": config.kernels, "cuda_graph": self.graphs,
                              "pdl": self.decoder.pdl, "attn": "portable decode attention"}
@@ -329,6 +347,7 @@ class FastRunner:
 
     def start(self, cache: PromptCache, max_new_tokens: int) -> None:
         self.decoder.load_cache(cache, max_new_tokens)
+        self._slot = cache.seen_tokens  # the slot the next step writes (the decoder's `slot`, known on the host)
         if self.graphs and self._graph_shape != self.decoder.shape:
             if self._graph_shape is None:
                 self._capture_with_artifact()
@@ -392,34 +411,62 @@ class FastRunner:
         self.info.details["artifact"] = str(art.path)
 
     def _capture(self) -> None:
-        """Warm up (compiles every kernel) on a side stream, then capture one step. The warm-up steps write into the
-        slot the first real step overwrites; positions and slot are restored."""
+        """Warm up (compiles every kernel) on a side stream, then capture one step as two graphs: the plain step
+        (`decode_step`) and the greedy one (`greedy_steps`). The warm-up steps write into the slot the first real step
+        overwrites; positions, slot and input tokens are restored."""
         d = self.decoder
-        saved = (d.positions.clone(), d.slot.clone())
+        saved = (d.positions.clone(), d.slot.clone(), d.tokens.clone())
+
+        def restore():
+            d.positions.copy_(saved[0])
+            d.slot.copy_(saved[1])
+            d.tokens.copy_(saved[2])
+
         stream = torch.cuda.Stream(self._device)
         stream.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                d.step()
-                d.positions.copy_(saved[0])
-                d.slot.copy_(saved[1])
+            for greedy in (False, True, False, True):
+                d.step(greedy)
+                restore()
         torch.cuda.current_stream(self._device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
+        graph, greedy_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             d.step()
-        d.positions.copy_(saved[0])
-        d.slot.copy_(saved[1])
+        with torch.cuda.graph(greedy_graph, pool=graph.pool()):
+            d.step(greedy=True)
+        restore()
         torch.cuda.synchronize(self._device)
-        self._graph, self._graph_shape = graph, d.shape
+        self._graph, self._greedy_graph, self._graph_shape = graph, greedy_graph, d.shape
+
+    def _feed(self, tokens: torch.Tensor, steps: int) -> None:
+        d = self.decoder
+        if self._slot + steps > d.shape[1]:
+            raise ValueError(f"the static cache has {d.shape[1]} slots; {self._slot + steps} needed "
+                             "(start() sizes it for max_new_tokens)")
+        if tokens.data_ptr() != d.tokens.data_ptr():
+            d.tokens.copy_(tokens, non_blocking=True)
+        self._slot += steps
 
     def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
         d = self.decoder
-        if tokens.data_ptr() != d.tokens.data_ptr():
-            d.tokens.copy_(tokens, non_blocking=True)
+        self._feed(tokens, 1)
         if self._graph is not None:
             self._graph.replay()
             return d.logits
         return d.step()
+
+    def greedy_steps(self, tokens: torch.Tensor, count: int) -> torch.Tensor:
+        """`count` greedy steps from input `tokens`, each feeding its argmax to the next on the device (one graph
+        replay per step, nothing from the host between them): the picked ids [batch, count] on the device."""
+        d = self.decoder
+        first = self._slot
+        self._feed(tokens, count)
+        for _ in range(count):
+            if self._graph is not None:
+                self._greedy_graph.replay()
+            else:
+                d.step(greedy=True)
+        return d.history[:, first:first + count].clone()
 
     def synchronize(self) -> None:
         self.hf.synchronize()

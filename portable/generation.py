@@ -4,7 +4,8 @@
     token i > 0  runner.decode_step(token i-1) -> logits -> pick
 
 Timed region: each `decode_step` plus the pick, bracketed by host clocks; when the pick happens on the device
-(greedy) and tokens are read back every `sync_every` steps, a chunk's time is shared evenly by its steps.
+(greedy) and tokens are read back every `sync_every` steps, a chunk's time is shared evenly by its steps (a runner
+with `greedy_steps` runs such a chunk with the pick inside its step).
 Not timed: detokenization, stop-string checks and streaming (`on_tokens`), which run between steps.
 
 A sequence finishes at EOS (unless `ignore_eos`) or when its text contains a stop string; finished sequences keep
@@ -122,6 +123,7 @@ def run_decode(runner, cache: PromptCache, sampler: Sampler, max_new_tokens: int
     device = runner.device
     current = torch.tensor(feed, dtype=torch.long, device=device)
     on_device = sampler.on_device and forced is None and not collect_logits
+    greedy_steps = getattr(runner, "greedy_steps", None) if on_device else None  # optional: see backends/base.py
     n = 1
     while n < limit and active():
         if on_device:
@@ -129,11 +131,16 @@ def run_decode(runner, cache: PromptCache, sampler: Sampler, max_new_tokens: int
             live = active()
             runner.synchronize()
             t0 = time.perf_counter()
-            pending = []
-            for _ in range(chunk):
-                current = sampler.pick_on_device(runner.decode_step(current))
-                pending.append(current)
-            host = torch.stack(pending, dim=1).tolist()  # one transfer, one synchronisation per chunk
+            if greedy_steps is not None:  # the runner feeds each pick to the next step itself
+                picked = greedy_steps(current, chunk)
+            else:
+                pending = []
+                for _ in range(chunk):
+                    current = sampler.pick_on_device(runner.decode_step(current))
+                    pending.append(current)
+                picked = torch.stack(pending, dim=1)
+            current = picked[:, -1]
+            host = picked.tolist()  # one transfer, one synchronisation per chunk
             dt = (time.perf_counter() - t0) / chunk
             for j in range(chunk):
                 before = active() if j else live

@@ -92,6 +92,53 @@ def test_fast_decode_step_matches_hugging_face(tiny_model, name, kernels):
             token = a.argmax(-1)
 
 
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_greedy_steps_pick_on_the_device_as_the_host_loop(tiny_model, kernels):
+    """`greedy_steps` (the pick inside the step, fed to the next) gives the tokens of decode_step + argmax, at batch 1
+    (the GEMV path: argmax finished by the advance kernel) and batch 2, and refuses to run past the static cache."""
+    loaded = models.load(models.resolve(str(tiny_model("qwen3"))), "fp32", "cpu")
+    hf = HFRunner(loaded, "cpu", "fp32", torch.device("cpu"))
+    ids, mask = tokenize(hf.tokenizer, list(PROMPTS), 0)
+    cache = hf.prefill(ids, mask)
+    for c in (cache.select([0]), cache):
+        fast = FastRunner(loaded, "cpu", RunConfig(kernels=kernels), torch.device("cpu"), graphs=False)
+        fast.start(c, 7)
+        first = c.next_token_logits.argmax(-1)
+        token, expected = first, []
+        for _ in range(6):
+            token = fast.decode_step(token).argmax(-1)
+            expected.append(token)
+        fast.start(c, 7)
+        picked = torch.cat([fast.greedy_steps(first, 4), fast.greedy_steps(fast.decoder.tokens.clone(), 2)], dim=1)
+        assert picked.tolist() == torch.stack(expected, dim=1).tolist()
+        with pytest.raises(ValueError, match="slots"):
+            fast.greedy_steps(picked[:, -1], 2)
+
+
+def test_decode_loop_uses_greedy_steps_in_chunks(tiny_model, monkeypatch):
+    """run_decode with a runner that has `greedy_steps`: the same tokens and finish reasons as the host loop (HF), in
+    chunks of `sync_every` steps, with a sequence finishing at EOS inside a chunk."""
+    from portable.config import SamplingConfig
+    from portable.generation import Stopper, run_decode
+    from portable.sampling import Sampler
+
+    loaded = models.load(models.resolve(str(tiny_model("llama"))), "fp32", "cpu")
+    hf = HFRunner(loaded, "cpu", "fp32", torch.device("cpu"))
+    ids, mask = tokenize(hf.tokenizer, list(PROMPTS), 0)
+    cache = hf.prefill(ids, mask)
+    reference = run_decode(hf, cache, Sampler(SamplingConfig(), 2), 9, Stopper(None))
+    eos = reference.tokens[1][4]  # sequence 1 finishes at its 5th token, in the middle of the second chunk of 3
+    stopper = Stopper(None, eos_ids=frozenset({eos}))
+    reference = run_decode(hf, cache, Sampler(SamplingConfig(), 2), 9, stopper)
+    fast = FastRunner(loaded, "cpu", RunConfig(kernels="triton"), torch.device("cpu"), graphs=False)
+    calls = []
+    steps = fast.greedy_steps
+    monkeypatch.setattr(fast, "greedy_steps", lambda tokens, count: calls.append(count) or steps(tokens, count))
+    ours = run_decode(fast, cache, Sampler(SamplingConfig(), 2), 9, stopper, sync_every=3)
+    assert ours.tokens == reference.tokens and ours.finish_reasons == reference.finish_reasons
+    assert calls and sum(calls) == len(ours.step_times_s) and max(calls) == 3
+
+
 def test_models_outside_the_family_keep_the_hugging_face_path(tiny_model):
     loaded = models.load(models.resolve(str(tiny_model("gpt_bigcode"))), "fp32", "cpu")
     assert "not in the Llama family" in supports(loaded.model)
@@ -155,3 +202,13 @@ def test_cuda_graph_decode_matches_eager_fast_path():
         b = graphed.decode_step(token).clone()
         assert float((a - b).norm() / a.norm()) < 1e-2
         token = a.argmax(-1)
+    # the greedy graph (argmax inside the step, fed to the next step on the device) picks what the plain graph and a
+    # host argmax pick
+    first = cache.next_token_logits.argmax(-1)
+    graphed.start(cache, 8)
+    token, picks = first, []
+    for _ in range(7):
+        token = graphed.decode_step(token).argmax(-1)
+        picks.append(int(token))
+    graphed.start(cache, 8)
+    assert graphed.greedy_steps(first, 7)[0].tolist() == picks

@@ -176,6 +176,34 @@ def test_gemv(dtype, case, preload):
     assert rel_err(o1, o2) < TOL[dtype] * (3 if dtype != torch.float32 else 1)
 
 
+@pytest.mark.parametrize("n", [200, 1000])
+def test_gemv_argmax_then_advance_picks_the_first_maximal_row(n):
+    """The head GEMV's per-block (max, first row) pairs, reduced by the advance kernel, give torch.argmax of the
+    logits, ties included (the first maximal id), and feed it to the next step and the history."""
+    k = 64
+    x = rand(k, seed=30)
+    w = (rand(n, k, dtype=torch.bfloat16, seed=31) / k ** 0.5).contiguous()
+    w[n // 2] = w[n - 3] = w[7] = w.abs().sum(0) * x.sign().to(w.dtype)  # three equal largest rows
+    config = gemv.GemvConfig(block_n=16, block_k=64)
+    blocks = gemv.argmax_blocks(n, k, config)
+    amax = torch.zeros(blocks, device=DEVICE)
+    aidx = torch.zeros(blocks, dtype=torch.int32, device=DEVICE)
+    logits = torch.zeros(n, device=DEVICE)
+    gemv.gemv(x, w, logits, config=config, argmax=(amax, aidx))
+    tokens = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    history = torch.full((40,), -1, dtype=torch.long, device=DEVICE)
+    pos, slot = torch.tensor([5], device=DEVICE), torch.tensor([9], dtype=torch.int32, device=DEVICE)
+    step.advance_(pos, slot, pick=(amax, aidx, tokens, history))
+    assert int(logits.argmax()) == 7 and tokens.tolist() == [7] and int(history[9]) == 7
+    assert pos.tolist() == [6] and slot.tolist() == [10] and int((history >= 0).sum()) == 1
+    w[n - 3, 0] = float("nan")  # as torch.argmax: a NaN logit counts as the largest
+    gemv.gemv(x, w, logits, config=config, argmax=(amax, aidx))
+    step.advance_(pos, slot, pick=(amax, aidx, tokens, history))
+    assert int(logits.argmax()) == n - 3 and tokens.tolist() == [n - 3] and int(history[10]) == n - 3
+    with pytest.raises(ValueError, match="one entry per row block"):
+        gemv.gemv(x, w, logits, config=config, argmax=(amax[:1], aidx[:1]))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", [(3072, 2048), (2048, 8192), (128256, 2048)])
 def test_gemv_real_shapes_on_gpu(n, k):

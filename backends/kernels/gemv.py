@@ -56,11 +56,12 @@ def pdl_wait(USE_PDL: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, u_ptr, nw_ptr, out_ptr, N, K, stride_w, eps, norm_offset, k_per_split,
+def _gemv_kernel(x_ptr, w_ptr, u_ptr, nw_ptr, out_ptr, amax_ptr, aidx_ptr, N, K, stride_w, eps, norm_offset,
+                 k_per_split,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_NORM: tl.constexpr, GATED: tl.constexpr,
                  ACT: tl.constexpr, ACCUMULATE: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr,
                  USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, k_prefetch, PRELOAD: tl.constexpr,
-                 TRIGGER: tl.constexpr):
+                 TRIGGER: tl.constexpr, ARGMAX: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -149,7 +150,14 @@ def _gemv_kernel(x_ptr, w_ptr, u_ptr, nw_ptr, out_ptr, N, K, stride_w, eps, norm
     if ACCUMULATE:
         tl.atomic_add(out_ptr + rn, y, mask=nmask)
     else:
-        tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=nmask)
+        y = y.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rn, y, mask=nmask)
+    if ARGMAX:  # this program's largest output and its first row (NaN counts as the largest, as in torch.argmax)
+        v = y.to(tl.float32)
+        v = tl.where(nmask, tl.where(v != v, float("inf"), v), float("-inf"))
+        top = tl.max(v, axis=0)
+        tl.store(amax_ptr + pid_n, top)
+        tl.store(aidx_ptr + pid_n, tl.min(tl.where(nmask & (v == top), rn, N), axis=0))
 
 
 def default_config(n: int, k: int, gated: bool, accumulate: bool) -> GemvConfig:
@@ -174,8 +182,12 @@ def default_config(n: int, k: int, gated: bool, accumulate: bool) -> GemvConfig:
 def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, norm_w: torch.Tensor | None = None,
          eps: float = 1e-6, norm_offset: float = 0.0, up: torch.Tensor | None = None, act: str = "silu",
          accumulate: bool = False, config: GemvConfig | None = None, pdl: bool = False,
-         prefetch: bool = False, preload: bool | None = None, trigger: str = "end") -> torch.Tensor:
+         prefetch: bool = False, preload: bool | None = None, trigger: str = "end",
+         argmax: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x: [K] or [1, K]; w (and up): [N, K] contiguous; out: [N] (fp32 when accumulating).
+
+    `argmax` (fp32 and int32 buffers of `argmax_blocks(...)` entries): each program also writes the largest of its
+    outputs and the first row holding it, for `step.advance_(pick=...)` to finish the argmax without another pass.
 
     `pdl` (Hopper, compiled kernels only) launches with programmatic dependent launch; `prefetch` also streams
     this kernel's weights into L2 before waiting for the previous kernel.
@@ -192,14 +204,22 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, norm_w: torch.T
     # prefetch at most PREFETCH_BYTES of this kernel's weights (L2 is 50 MB on an H100)
     row_bytes = w.element_size() * n * (2 if up is not None else 1)
     k_prefetch = min(k_per_split, max(config.block_k, PREFETCH_BYTES // row_bytes // config.block_k * config.block_k))
-    _gemv_kernel[grid](x, w, up if up is not None else w, norm_w if norm_w is not None else x, out, n, k,
+    if argmax is not None and (accumulate or split > 1 or argmax[0].numel() < grid[0]):
+        raise ValueError("argmax needs a non-accumulating GEMV and one entry per row block")
+    amax, aidx = argmax if argmax is not None else (out, out)
+    _gemv_kernel[grid](x, w, up if up is not None else w, norm_w if norm_w is not None else x, out, amax, aidx, n, k,
                        w.stride(0), eps, norm_offset, k_per_split,
                        BLOCK_N=config.block_n, BLOCK_K=config.block_k, HAS_NORM=norm_w is not None,
                        GATED=up is not None, ACT=ACTIVATIONS[act], ACCUMULATE=accumulate, EVEN=even,
                        SPLIT=grid[1] > 1, USE_PDL=pdl, PREFETCH=pdl and prefetch, k_prefetch=k_prefetch,
-                       PRELOAD=preload, TRIGGER=TRIGGERS[trigger],
+                       PRELOAD=preload, TRIGGER=TRIGGERS[trigger], ARGMAX=argmax is not None,
                        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(pdl))
     return out
+
+
+def argmax_blocks(n: int, k: int, config: GemvConfig | None = None) -> int:
+    """How many (max, row) pairs `gemv(..., argmax=...)` writes for an [n, k] weight: one per row block."""
+    return triton.cdiv(n, (config or default_config(n, k, False, False)).block_n)
 
 
 PREFETCH_BYTES = 16 * 2**20
