@@ -14,6 +14,8 @@ One step, batch 1, `--kernels triton` (5 launches per layer, plus embedding, hea
                 a     = act(W_g . rmsnorm(h)) * (W_u . rmsnorm(h))  gemv, two weights, gated epilogue
                 h    += W_d . a                                     (Gemma: h += norm(W_d . a))
     logits = W_head . rmsnorm(h); positions += 1; slot += 1
+    (greedy steps: the head GEMV also writes each program's largest logit and its row; the advance kernel finishes
+    the argmax and writes the token as the next step's input, so consecutive graph replays need no host work)
 On Hopper GPUs every launch uses programmatic dependent launch (`pdl`): a kernel may launch while its predecessor
 finishes, and a GEMV loads its first weight tile before it waits for the predecessor's output.
 Batches > 1 (and `--kernels torch`) use matrix products through PyTorch and the same fused rope/attention/norm
