@@ -200,8 +200,10 @@ def test_gemv_argmax_then_advance_picks_the_first_maximal_row(n):
     gemv.gemv(x, w, logits, config=config, argmax=(amax, aidx))
     step.advance_(pos, slot, pick=(amax, aidx, tokens, history))
     assert int(logits.argmax()) == n - 3 and tokens.tolist() == [n - 3] and int(history[10]) == n - 3
-    with pytest.raises(ValueError, match="one entry per row block"):
-        gemv.gemv(x, w, logits, config=config, argmax=(amax[:1], aidx[:1]))
+    for size in (1, blocks + 1):  # too few pairs, or more (stale entries the pick would read)
+        with pytest.raises(ValueError, match="one entry per row block"):
+            gemv.gemv(x, w, logits, config=config, argmax=(torch.zeros(size, device=DEVICE),
+                                                           torch.zeros(size, dtype=torch.int32, device=DEVICE)))
 
 
 @pytest.mark.gpu

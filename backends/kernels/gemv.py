@@ -204,7 +204,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, norm_w: torch.T
     # prefetch at most PREFETCH_BYTES of this kernel's weights (L2 is 50 MB on an H100)
     row_bytes = w.element_size() * n * (2 if up is not None else 1)
     k_prefetch = min(k_per_split, max(config.block_k, PREFETCH_BYTES // row_bytes // config.block_k * config.block_k))
-    if argmax is not None and (accumulate or split > 1 or argmax[0].numel() < grid[0]):
+    if argmax is not None and (accumulate or split > 1 or argmax[0].numel() != grid[0]):  # advance_ reads them all
         raise ValueError("argmax needs a non-accumulating GEMV and one entry per row block")
     amax, aidx = argmax if argmax is not None else (out, out)
     _gemv_kernel[grid](x, w, up if up is not None else w, norm_w if norm_w is not None else x, out, amax, aidx, n, k,
