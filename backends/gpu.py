@@ -17,7 +17,10 @@ from portable.errors import PortableError
 
 class TorchGpuBackend:
     name = "gpu"
-    precisions = ("fp32", "fp16", "bf16")
+    # int8: weight-only (int8 rows with fp32 scales, backends/quantize.py) with bf16 activations and KV cache; the
+    # Llama-family fast path's batch-1 GEMVs stream the int8 rows
+    precisions = ("fp32", "fp16", "bf16", "int8")
+    int8_scheme = "weight-only"  # what parity's calibration mirrors (portable/pipeline.py)
     platform = ""  # "cuda" or "rocm"
 
     def build_matches(self) -> str | None:
@@ -54,12 +57,23 @@ class TorchGpuBackend:
             raise PortableError(why)
         device = self.device(config)
         torch.cuda.set_device(device)
-        loaded = models.load(source, precision=config.precision, device=str(device), attn=config.attn)
-        if config.compile and config.attn != "eager":
-            from backends import llama_fast
+        int8 = config.precision == "int8"
+        loaded = models.load(source, precision="bf16" if int8 else config.precision, device=str(device),
+                             attn=config.attn)
+        from backends import llama_fast
 
-            if llama_fast.supports(loaded.model) is None:  # supports() returns why not, or None
-                return llama_fast.FastRunner(loaded, backend=self.name, config=config, device=device)
+        why_not = llama_fast.supports(loaded.model)  # None when our decode step covers the model
+        if int8:
+            if why_not or config.attn == "eager":
+                raise PortableError(f"--precision int8 on {self.name} needs the Llama-family decode step "
+                                    f"({why_not or 'not with --attn eager'}); use bf16")
+            from backends import quantize
+
+            return llama_fast.FastRunner(loaded, backend=self.name, config=config, device=device,
+                                         graphs=None if config.compile else False,
+                                         int8=quantize.quantize_linears_(loaded.model))
+        if config.compile and config.attn != "eager" and why_not is None:
+            return llama_fast.FastRunner(loaded, backend=self.name, config=config, device=device)
         return HFRunner(loaded, backend=self.name, precision=config.precision, device=device)
 
     def describe(self) -> dict:

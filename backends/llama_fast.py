@@ -62,6 +62,7 @@ class Layer:
     inv_freq: torch.Tensor
     rope_scaling: float
     window: int  # 0 = full attention
+    int8: dict | None = None  # weight-only int8: {"qkv", "o", "g", "u", "d"} -> (q int8 [N, K], s fp32 [N])
 
 
 def _layer_types(config) -> list[str]:
@@ -95,7 +96,10 @@ def supports(model) -> str | None:
 class FastDecoder:
     """The weights, static buffers and step function; device-agnostic (CUDA graphs are added by FastRunner)."""
 
-    def __init__(self, model, kernels: str = "triton", pdl: bool = False):
+    def __init__(self, model, kernels: str = "triton", pdl: bool = False, int8: dict | None = None):
+        """`int8`: {linear module: (q, s)} from `backends.quantize.quantize_linears_(model)` (which also left q * s
+        in the model's weights): the batch-1 GEMVs then stream the int8 rows; the matrix path (batch > 1, `--kernels
+        torch`) multiplies by the model's dequantized weights."""
         config = model.config
         self.config = config
         self.kernels = kernels
@@ -126,6 +130,8 @@ class FastDecoder:
         self.embed_scale = float(inner.embed_tokens.embed_scale.to(self.dtype)) if self.gemma else 1.0
         self.final_norm = inner.norm.weight
         self.head = model.lm_head.weight
+        self.weights = "int8" if int8 else "native"
+        self.head_int8 = int8[model.lm_head] if int8 else None
         types = _layer_types(config)
         rotary = inner.rotary_emb
         self.layers = []
@@ -147,7 +153,8 @@ class FastDecoder:
                 post_attn=layer.post_attention_layernorm.weight if self.gemma else None,
                 post_ff=layer.post_feedforward_layernorm.weight if self.gemma else None,
                 inv_freq=inv_freq.float().contiguous(), rope_scaling=float(rscale),
-                window=int(config.sliding_window) if kind == "sliding_attention" else 0))
+                window=int(config.sliding_window) if kind == "sliding_attention" else 0,
+                int8=_layer_int8(int8, attn, mlp) if int8 else None))
         self.shape = None
 
     # ---- static state ----
@@ -170,7 +177,8 @@ class FastDecoder:
         self.tmp = torch.zeros(batch, hidden, dtype=dt, device=dev)
         self.logits = torch.zeros(batch, self.head.shape[0], dtype=torch.float32, device=dev)
         self.history = torch.zeros(batch, slots, dtype=torch.long, device=dev)  # greedy picks, by the slot they feed
-        blocks = gemv.argmax_blocks(*self.head.shape, self.gemv_configs.get("head"))
+        blocks = gemv.argmax_blocks(*self.head.shape, self.gemv_configs.get("head"),
+                                    itemsize=1 if self.head_int8 else self.head.element_size())
         self.amax = torch.zeros(blocks, dtype=torch.float32, device=dev)
         self.aidx = torch.zeros(blocks, dtype=torch.int32, device=dev)
         self.attention = attention.RopeAttention(batch, self.hq, self.hk, self.d, slots, dev,
@@ -251,24 +259,29 @@ class FastDecoder:
         pdl = {"pdl": self.pdl, "prefetch": self.prefetch, "preload": self.preload, "trigger": self.trigger}
         cfg = self.gemv_configs
         for i, layer in enumerate(self.layers):
-            gemv.gemv(h, layer.wqkv, self.qkv[0], norm_w=layer.ln1, eps=eps, norm_offset=off, config=cfg.get("qkv"),
+            w, s = _weight(layer, "qkv")
+            gemv.gemv(h, w, self.qkv[0], norm_w=layer.ln1, eps=eps, norm_offset=off, config=cfg.get("qkv"), scale=s,
                       **pdl)
             self._attend(i, layer, combine=self.gemma)
+            w, s = _weight(layer, "o")
             if self.gemma:
-                gemv.gemv(o, layer.wo, self.tmp[0], **pdl)
+                gemv.gemv(o, w, self.tmp[0], scale=s, **pdl)
                 rmsnorm_add(self.tmp, self.h, layer.post_attn, eps, off)
             else:
-                self.attention.combine_oproj_(layer.wo, h, self.pdl, self.oproj_block_n, self.oproj_warps,
-                                              self.oproj_heads)
-            gemv.gemv(h, layer.wg, self.mlp[0], norm_w=layer.ln2, eps=eps, norm_offset=off, up=layer.wu,
-                      act=self.act, config=cfg.get("gate_up"), **pdl)
+                self.attention.combine_oproj_(w, h, self.pdl, self.oproj_block_n, self.oproj_warps,
+                                              self.oproj_heads, scale=s, o_like=self.o)
+            (w, s), (u, us) = _weight(layer, "g"), _weight(layer, "u")
+            gemv.gemv(h, w, self.mlp[0], norm_w=layer.ln2, eps=eps, norm_offset=off, up=u, act=self.act,
+                      config=cfg.get("gate_up"), scale=s, up_scale=us, **pdl)
+            w, s = _weight(layer, "d")
             if self.gemma:
-                gemv.gemv(self.mlp[0], layer.wd, self.tmp[0], **pdl)
+                gemv.gemv(self.mlp[0], w, self.tmp[0], scale=s, **pdl)
                 rmsnorm_add(self.tmp, self.h, layer.post_ff, eps, off)
             else:
-                gemv.gemv(self.mlp[0], layer.wd, h, accumulate=True, config=cfg.get("down"), **pdl)
-        gemv.gemv(h, self.head, self.logits[0], norm_w=self.final_norm, eps=eps, norm_offset=off,
-                  config=cfg.get("head"), argmax=(self.amax, self.aidx) if greedy else None, **pdl)
+                gemv.gemv(self.mlp[0], w, h, accumulate=True, config=cfg.get("down"), scale=s, **pdl)
+        w, s = self.head_int8 or (self.head, None)
+        gemv.gemv(h, w, self.logits[0], norm_w=self.final_norm, eps=eps, norm_offset=off, config=cfg.get("head"),
+                  argmax=(self.amax, self.aidx) if greedy else None, scale=s, **pdl)
 
     def _layers_matmul(self) -> None:
         rmsnorm, rmsnorm_add, gated = self._k()
@@ -292,6 +305,23 @@ class FastDecoder:
                 self.h.add_(ff)
         x = rmsnorm(self.h, self.final_norm, eps, off, out_dtype=self.dtype)
         self.logits.copy_(mm(x, self.head))
+
+
+_DENSE = {"qkv": "wqkv", "o": "wo", "g": "wg", "u": "wu", "d": "wd"}
+
+
+def _layer_int8(int8: dict, attn, mlp) -> dict:
+    """A layer's int8 weights by the names `_weight` uses; q, k and v rows concatenated like `wqkv`."""
+    qkv = [int8[m] for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    return {"qkv": (torch.cat([q for q, _ in qkv]).contiguous(), torch.cat([s for _, s in qkv]).contiguous()),
+            "o": int8[attn.o_proj], "g": int8[mlp.gate_proj], "u": int8[mlp.up_proj], "d": int8[mlp.down_proj]}
+
+
+def _weight(layer: Layer, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, row scales) the GEMV streams: the int8 rows and their scales, or the dense weight and None."""
+    if layer.int8:
+        return layer.int8[name]
+    return getattr(layer, _DENSE[name]), None
 
 
 @contextmanager
@@ -319,7 +349,7 @@ class FastRunner:
     """A runner whose decode step is `FastDecoder`, captured as one CUDA graph per (batch, slots) on GPUs."""
 
     def __init__(self, loaded: LoadedModel, backend: str, config, device: torch.device, graphs: bool | None = None,
-                 pdl: bool | None = None):
+                 pdl: bool | None = None, int8: dict | None = None):
         self.run_config = config
         self.hf = HFRunner(loaded, backend=backend, precision=config.precision, device=device)
         self.model = loaded.model
@@ -327,14 +357,16 @@ class FastRunner:
         self.config = loaded.config
         self._device = torch.device(device)
         self.decoder = FastDecoder(loaded.model, kernels=config.kernels, pdl=pdl_supported(self._device)
-                                   if pdl is None else pdl)
+                                   if pdl is None else pdl, int8=int8)
+        self._int8 = int8
         self.graphs = self._device.type == "cuda" if graphs is None else graphs
         self._graph = self._greedy_graph = None
         self._graph_shape = None
         self._slot = 0
         self.info = self.hf.info
         self.info.details = {"path": "fast", "kernels": config.kernels, "cuda_graph": self.graphs,
-                             "pdl": self.decoder.pdl, "attn": "portable decode attention"}
+                             "pdl": self.decoder.pdl, "attn": "portable decode attention",
+                             "weights": self.decoder.weights}
 
     @property
     def device(self) -> torch.device:
@@ -373,7 +405,7 @@ class FastRunner:
                 "layers": len(d.layers), "heads": [d.hq, d.hk, d.d], "mlp": d.layers[0].wg.shape[0],
                 "vocab": d.head.shape[0], "windows": sorted({layer.window for layer in d.layers}),
                 "dtype": str(d.dtype), "batch": d.shape[0], "chunks_p2": triton.next_power_of_2(d.attention.n_chunks),
-                "kernels": d.kernels, "pdl": d.pdl, "gpu": torch.cuda.get_device_name(self._device),
+                "kernels": d.kernels, "pdl": d.pdl, "weights": d.weights, "gpu": torch.cuda.get_device_name(self._device),
                 "capability": list(torch.cuda.get_device_capability(self._device)), "triton": triton.__version__,
                 "torch": torch.__version__, "portable": __version__, "kernel_sources": sources.hexdigest()[:16]}
 
@@ -469,6 +501,19 @@ class FastRunner:
             else:
                 d.step(greedy=True)
         return d.history[:, first:first + count].clone()
+
+    def weight_bytes(self, batch: int) -> int:
+        """Bytes of weights one step of `batch` sequences reads (the bench's cost model): the model's, with every
+        linear weight the batch-1 GEMVs stream as int8 counted as its int8 rows and scales instead (batches > 1 and
+        `--kernels torch` multiply by the dense, dequantized weights)."""
+        from backends import quantize
+        from portable.bench import roofline
+
+        total = roofline.weight_bytes(self.model)
+        if self._int8 and batch == 1 and self.decoder.kernels == "triton":
+            dense = sum(m.weight.numel() * m.weight.element_size() for m in self._int8)
+            total += quantize.nbytes(self._int8.values()) - dense
+        return total
 
     def synchronize(self) -> None:
         self.hf.synchronize()

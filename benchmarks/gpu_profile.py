@@ -19,6 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backends.hf_torch import HFRunner  # noqa: E402
+from backends import quantize  # noqa: E402
+from backends.kernels import gemv  # noqa: E402
 from backends.kernels.gemv import GemvConfig  # noqa: E402
 from backends.llama_fast import FastRunner  # noqa: E402
 from portable import models  # noqa: E402
@@ -47,7 +49,20 @@ VARIANTS = {
     "trigger last": dict(trigger="last"),
     "attn w4": dict(attention_warps=4),
     "attn bs64": dict(attention_block_s=64),
+    # with --int8: the dense defaults' tiles (the same columns, half the bytes) instead of the int8 defaults
+    "dense tiles": "dense tiles",
+    "int8 gu w4": dict(gemv_configs={"gate_up": GemvConfig(8, 1024, 1, 4, 4, True)}),
+    "int8 head w8": dict(gemv_configs={"head": GemvConfig(8, 1024, 1, 8, 4, True)}),
 }
+
+
+def dense_tiles(decoder) -> dict:
+    """Per GEMV kind, the config the dense weights of the same shape get by default."""
+    layer = decoder.layers[0]
+    shapes = {"qkv": (layer.wqkv.shape, False, False), "gate_up": (layer.wg.shape, True, False),
+              "down": (layer.wd.shape, False, True), "head": (decoder.head.shape, False, False)}
+    return {"gemv_configs": {kind: gemv.default_config(*shape, gated, acc, itemsize=2)
+                             for kind, (shape, gated, acc) in shapes.items()}}
 
 
 def replay_ms(runner, reps=200) -> float:
@@ -105,16 +120,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("gpu_profile.json"))
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens (the step measured is the first)")
     parser.add_argument("--new", type=int, default=256, help="new tokens the static cache has room for")
+    parser.add_argument("--int8", action="store_true", help="weight-only int8 (backends/quantize.py)")
     args = parser.parse_args()
     results = []
     for name in args.models:
         loaded = models.load(models.resolve(f"preset:{name}"), precision="bf16", device="cuda")
+        int8 = quantize.quantize_linears_(loaded.model) if args.int8 else None
         hf = HFRunner(loaded, backend="cuda", precision="bf16", device=torch.device("cuda"))
         ids = torch.randint(10, 1000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
         cache = hf.prefill(ids, torch.ones_like(ids))
         for variant in args.variants.split(","):
             v = VARIANTS[variant]
-            runner = FastRunner(loaded, backend="cuda", config=RunConfig(kernels="triton"), device=torch.device("cuda"))
+            runner = FastRunner(loaded, backend="cuda", config=RunConfig(kernels="triton"), device=torch.device("cuda"),
+                                int8=int8)
+            if v == "dense tiles":
+                v = dense_tiles(runner.decoder)
             for knob, value in v.items():
                 setattr(runner.decoder, knob, value)
             try:
@@ -125,7 +145,7 @@ def main() -> None:
                 print(json.dumps({"model": name, "variant": variant, "error": f"{type(e).__name__}: {e}"[:400]}))
                 continue
             total = sum(k["us_per_step"] for k in kernels.values())
-            row = {"model": name, "variant": variant, "prompt": args.prompt, "new": args.new,
+            row = {"model": name, "variant": variant, "int8": args.int8, "prompt": args.prompt, "new": args.new,
                    "graph_step_ms": round(step_ms, 4),
                    "kernel_sum_us": round(total, 1), "kernels": kernels}
             results.append(row)

@@ -29,8 +29,8 @@ print(sys.version.split()[0], torch.__version__, transformers.__version__, trito
 onnxruntime.get_available_providers(), torch.cuda.get_device_name())"; git rev-parse HEAD 2>/dev/null || true' ;;
     tests)  # the GPU-marked tests: fp32 exact on CUDA, bf16/fp16 verdicts, artifact reuse, graph vs eager, kernels
         part tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
-    bench)  # llama-bench tg128 at batch 1 and 16, both HF generate engines timed beside each point
-        part bench 330 python3 -m portable bench --measure-peak -m $PRESETS -b cuda -p bf16 -t tg128 \
+    bench)  # llama-bench tg128 at batch 1 and 16, both HF generate engines timed beside each bf16 point (int8: none)
+        part bench 480 python3 -m portable bench --measure-peak -m $PRESETS -b cuda -p bf16,int8 -t tg128 \
             --batch 1,16 -r 3 --compare hf -q -o "$OUT/bench.json" ;;
     suite)  # seed 003's quick suite (short 64/64, medium 256/256); HF's dynamic cache only (each static-cache point
             # costs a torch.compile of its own, and tg128 above already times that engine)
@@ -40,9 +40,9 @@ onnxruntime.get_available_providers(), torch.cuda.get_device_name())"; git rev-p
         part peer 300 python3 benchmarks/peers/hf_peer.py llama-3.2-1b qwen3-1.7b ;;
     decode)  # the headline use on the embedded model: CPU prefill -> CUDA decode, parity per precision; the second
              # bf16 run loads the compiled kernels the first one saved
-        part decode 240 bash -c '
+        part decode 300 bash -c '
             python3 prefill.py --backend cpu --out "$OUT/cpu_cache.safetensors" -q || exit 1
-            n=0; for p in fp32 bf16 fp16 bf16; do
+            n=0; for p in fp32 bf16 fp16 bf16 int8; do
                 n=$((n + 1))
                 python3 decode.py --cache "$OUT/cpu_cache.safetensors" --backend cuda --precision $p -q \
                     --json "$OUT/decode_${n}_$p.json" || exit 1

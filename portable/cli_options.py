@@ -23,7 +23,8 @@ Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of
 Model = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="'default' (the embedded model), a local Hugging Face folder, a hub id, or preset:NAME.")]
 Backend = Annotated[str, typer.Option("--backend", "-b", help=f"One of: {', '.join(BACKEND_NAMES)}.")]
-Precision = Annotated[str, typer.Option("--precision", "-p", help="fp32, fp16 or bf16 (int8 on onnxruntime).")]
+Precision = Annotated[str, typer.Option(
+    "--precision", "-p", help="fp32, fp16 or bf16; int8 on onnxruntime (dynamic) and cuda/rocm (weight-only).")]
 Device = Annotated[Optional[str], typer.Option("--device", help="Device index or name, e.g. cuda:1.")]
 Attn = Annotated[str, typer.Option("--attn", help=f"Attention implementation: {', '.join(ATTENTION)}.")]
 CachePath = Annotated[Path, typer.Option("--cache", "-c", help="The cache file written by prefill.")]

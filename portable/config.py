@@ -18,7 +18,8 @@ DEFAULT_CACHE = Path("kv_cache.safetensors")
 DEFAULT_MODEL = "default"  # the embedded model shipped in portable/data/default_model
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-# Weight-only int8 exists on the ONNX Runtime backend only; backends say which precisions they take.
+# int8: dynamic quantization on ONNX Runtime, weight-only on the GPU backends (backends/quantize.py); backends say
+# which precisions they take.
 ALL_PRECISIONS = PRECISIONS + ("int8",)
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 KERNELS = ("torch", "triton")

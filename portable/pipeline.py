@@ -161,11 +161,24 @@ def lossy_storage(cache: PromptCache) -> str | None:
     return None if storage == "native" else storage
 
 
-def _calibrate(cache_cpu: PromptCache, source, config: RunConfig, reference: parity.Reference) -> torch.Tensor:
-    """Teacher-forced logits of the pristine model on CPU at the candidate's precision (parity's tolerance)."""
-    precision = config.precision if config.precision in ("fp16", "bf16") else "fp32"
+def int8_scheme(backend: str) -> str:
+    """What `--precision int8` means on `backend`: "weight-only" (the GPU backends: int8 weight rows, bf16
+    activations) or "dynamic" (ONNX Runtime: int8 weights, activations quantized per call)."""
+    return getattr(backends.resolve(backend), "int8_scheme", "dynamic")
+
+
+def _calibrate(cache_cpu: PromptCache, source, config: RunConfig, reference: parity.Reference,
+               scheme: str = "dynamic") -> torch.Tensor:
+    """Teacher-forced logits of the pristine model on CPU at the candidate's precision (parity's tolerance); for
+    int8 the CPU model is quantized by the candidate's `scheme`."""
+    weight_only = config.precision == "int8" and scheme == "weight-only"
+    precision = "bf16" if weight_only else config.precision if config.precision in ("fp16", "bf16") else "fp32"
     runner = backends.resolve("cpu").load(config.replace(backend="cpu", precision=precision, attn="sdpa"), source)
-    if config.precision == "int8":  # per output channel, as ONNX Runtime's int8 weights (backends/onnxruntime.py)
+    if weight_only:  # the same int8 rows as the GPU fast path, dequantized into the bf16 weights
+        from backends import quantize
+
+        quantize.quantize_linears_(runner.model)
+    elif config.precision == "int8":  # per output channel, as ONNX Runtime's int8 weights (backends/onnxruntime.py)
         qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
         with catch_warnings():  # torch.ao announces its move to torchao on every call: not the user's concern
             simplefilter("ignore")
@@ -191,13 +204,17 @@ class Baseline:
     reference: parity.Reference
     _calibrated: dict = field(default_factory=dict, repr=False)
 
-    def calibration(self, precision: str) -> Callable[[], torch.Tensor]:
-        """A function returning the calibration logits for `precision`; parity calls it only when it needs them."""
+    def calibration(self, precision: str, backend: str = "cpu") -> Callable[[], torch.Tensor]:
+        """A function returning the calibration logits for `precision` on `backend` (int8 differs by backend);
+        parity calls it only when it needs them."""
+        scheme = int8_scheme(backend) if precision == "int8" else ""
+        key = (precision, scheme)
+
         def get() -> torch.Tensor:
-            if precision not in self._calibrated:
-                self._calibrated[precision] = _calibrate(self.cache_cpu, self.source,
-                                                         self.config.replace(precision=precision), self.reference)
-            return self._calibrated[precision]
+            if key not in self._calibrated:
+                self._calibrated[key] = _calibrate(self.cache_cpu, self.source, self.config.replace(
+                    precision=precision), self.reference, scheme or "dynamic")
+            return self._calibrated[key]
         return get
 
 
@@ -288,7 +305,7 @@ def _parity(config: RunConfig, source, runner, cache, cache_cpu: PromptCache, re
     histories = [cache_cpu.prompt_tokens(b) for b in range(cache_cpu.batch)]
     decode_text = (lambda ids: runner.tokenizer.decode(ids)) if runner.tokenizer is not None else None
     return parity.compare(reference, result, teacher, config.precision, histories,
-                          calibrate=baseline.calibration(config.precision), decode_text=decode_text,
+                          calibrate=baseline.calibration(config.precision, config.backend), decode_text=decode_text,
                           storage=lossy_storage(cache_cpu) or "native")
 
 

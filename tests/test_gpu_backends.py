@@ -139,6 +139,70 @@ def test_decode_loop_uses_greedy_steps_in_chunks(tiny_model, monkeypatch):
     assert calls and sum(calls) == len(ours.step_times_s) and max(calls) == 3
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_int8_fast_step_matches_the_dequantized_model(tiny_model, name, kernels):
+    """Weight-only int8: `quantize_linears_` leaves q * s in the model's weights (so HF prefill and the HF step use
+    them), and the fast step streaming the int8 rows (batch 1, triton) or multiplying by the dequantized weights
+    (batch 2, or torch kernels) gives the HF step's logits; the weights it streams are the int8 ones."""
+    from backends import quantize
+
+    loaded = models.load(models.resolve(str(tiny_model(name))), "fp32", "cpu")
+    dense = {m: m.weight.clone() for m in quantize.linear_modules(loaded.model)}
+    int8 = quantize.quantize_linears_(loaded.model)
+    assert set(int8) == set(dense) and all(not torch.equal(m.weight, dense[m]) for m in int8)  # now q * s
+    hf = HFRunner(loaded, "cpu", "fp32", torch.device("cpu"))
+    ids, mask = tokenize(hf.tokenizer, list(PROMPTS), 0)
+    cache = hf.prefill(ids, mask)
+    for c in (cache.select([0]), cache):
+        fast = FastRunner(loaded, "cpu", RunConfig(kernels=kernels), torch.device("cpu"), graphs=False, int8=int8)
+        layer = fast.decoder.layers[0]
+        assert layer.int8["qkv"][0].dtype == torch.int8 and layer.int8["qkv"][0].shape == layer.wqkv.shape
+        assert fast.info.details["weights"] == "int8"
+        hf.start(c, 5)
+        fast.start(c, 5)
+        token = c.next_token_logits.argmax(-1)
+        for _ in range(5):
+            a, b = hf.decode_step(token), fast.decode_step(token)
+            assert float((a - b).norm() / a.norm()) < 1e-5
+            token = a.argmax(-1)
+    model_bytes = fast.weight_bytes(2)
+    linear = sum(w.numel() * w.element_size() for w in dense.values())
+    assert model_bytes == models_weight_bytes(loaded.model)  # batch 2 multiplies by the dense weights
+    saved = linear - quantize.nbytes(int8.values())
+    assert fast.weight_bytes(1) == (model_bytes - saved if kernels == "triton" else model_bytes)
+
+
+def models_weight_bytes(model) -> int:
+    from portable.bench import roofline
+
+    return roofline.weight_bytes(model)
+
+
+def test_int8_on_a_gpu_backend_needs_the_fast_path(tiny_model, monkeypatch):
+    """`--precision int8` on cuda/rocm loads bf16 weights, quantizes them and takes the fast path; a model outside
+    the Llama family is refused in one line (there is no int8 HF path). Run on the CPU with the device faked."""
+    monkeypatch.setattr(TorchGpuBackend, "device", lambda self, config: torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    runner = CudaBackend().load(RunConfig(backend="cuda", precision="int8", kernels="triton"),
+                                models.resolve(str(tiny_model("llama"))))
+    assert isinstance(runner, FastRunner) and runner.dtype == torch.bfloat16 and not runner.graphs
+    assert runner.decoder.weights == "int8" and runner.decoder.head_int8[0].dtype == torch.int8
+    with pytest.raises(PortableError, match="int8 on cuda needs the Llama-family decode step"):
+        CudaBackend().load(RunConfig(backend="cuda", precision="int8"), models.resolve(str(tiny_model("gpt_bigcode"))))
+    assert "int8" in CudaBackend.precisions and "int8" in RocmBackend.precisions
+
+
+def test_int8_means_weight_only_on_gpus_and_dynamic_on_onnxruntime():
+    from portable.bench.peers import Peers
+    from portable.pipeline import int8_scheme
+
+    assert int8_scheme("cuda") == int8_scheme("rocm") == "weight-only"
+    assert int8_scheme("onnxruntime") == "dynamic"
+    assert Peers(("hf",)).engines("cuda", "int8") == []  # no HF int8 weight-only engine: no peer row at all
+    assert Peers(("hf",)).engines("cuda", "bf16") == ["hf-dynamic", "hf-static-compile"]
+
+
 def test_models_outside_the_family_keep_the_hugging_face_path(tiny_model):
     loaded = models.load(models.resolve(str(tiny_model("gpt_bigcode"))), "fp32", "cpu")
     assert "not in the Llama family" in supports(loaded.model)
@@ -170,6 +234,16 @@ def test_cuda_reduced_precision_verdicts(cpu_cache, tmp_path, precision):
     run_cli("decode.py", "--cache", str(cpu_cache), "--backend", "cuda", "--precision", precision, "--json",
             str(tmp_path / "r.json"), "-q", "--artifact-dir", str(tmp_path / "art"))
     assert read_json(tmp_path / "r.json")["parity"]["verdict"] in ("exact", "within-precision")
+
+
+@pytest.mark.gpu
+def test_cuda_int8_weight_only_verdict(cpu_cache, tmp_path):
+    """int8 weight rows on the GPU against CPU FP32: within the tolerance of the same int8 weights on CPU bf16."""
+    run_cli("decode.py", "--cache", str(cpu_cache), "--backend", "cuda", "--precision", "int8", "--json",
+            str(tmp_path / "r.json"), "-q", "--artifact-dir", str(tmp_path / "art"))
+    report = read_json(tmp_path / "r.json")
+    assert report["backend_details"]["weights"] == "int8" and report["backend_details"]["cuda_graph"]
+    assert report["parity"]["verdict"] in ("exact", "within-precision"), report["parity"]
 
 
 @pytest.mark.gpu

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from backends import quantize
 from backends.kernels import activation, attention, gemv, norms, rope, step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -138,6 +139,14 @@ def test_rope_attention_matches_rope_then_attention(dtype, window, group, qk_nor
         h3 = h1.clone()
         attn1.combine_oproj_(wo, h3, block_n=16, heads=heads)
         assert rel_err(h3, h2) < TOL[dtype] * 3
+    # int8 W_o rows with their scales: as the dequantized weights (o still rounded to the model's dtype)
+    q8, s8 = quantize.quantize_rows(wo)
+    h4, h5 = h1.clone(), h1.clone()
+    attn1.combine_oproj_(q8, h4, block_n=16, heads=2, scale=s8, o_like=out1)
+    attn1.combine_oproj_(quantize.dequantize_rows(q8, s8, torch.float32), h5, block_n=16, heads=2)
+    assert rel_err(h4, h5) < (1e-5 if dtype == torch.float32 else TOL[dtype])
+    with pytest.raises(ValueError, match="row scales"):
+        attn1.combine_oproj_(q8, h4, block_n=16)
 
 
 def test_embed_and_advance():
@@ -204,6 +213,66 @@ def test_gemv_argmax_then_advance_picks_the_first_maximal_row(n):
         with pytest.raises(ValueError, match="one entry per row block"):
             gemv.gemv(x, w, logits, config=config, argmax=(torch.zeros(size, device=DEVICE),
                                                            torch.zeros(size, dtype=torch.int32, device=DEVICE)))
+
+
+def test_quantize_rows_round_trip():
+    w = rand(24, 100, seed=50)
+    w[3] = 0.0
+    w[5, 7] = 40.0  # one large entry sets its row's scale
+    q, s = quantize.quantize_rows(w)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (24,)
+    assert int(q.abs().max()) == quantize.QMAX and int(q.min()) >= -quantize.QMAX
+    assert torch.equal(q[3], torch.zeros_like(q[3])) and float(s[3]) == 1.0
+    err = (quantize.dequantize_rows(q, s, torch.float32) - w).abs()
+    assert bool((err <= s[:, None] / 2 + 1e-6).all())  # rounding to the nearest step of each row
+    assert float(s[5]) == pytest.approx(40.0 / 127)
+    with pytest.raises(ValueError, match="matrix"):
+        quantize.quantize_rows(w[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["plain", "norm", "gated_norm", "accumulate", "ragged", "norm_split"])
+def test_gemv_int8_rows_match_the_dequantized_weights(dtype, case):
+    """int8 weights with row scales: the kernel (int8 tiles, scaled sums) as the reference on q * s."""
+    n, k = (40, 200) if case == "ragged" else (64, 512)
+    x = rand(k, dtype=torch.float32 if case in ("norm", "accumulate") else dtype, seed=51)
+    q, s = quantize.quantize_rows(rand(n, k, seed=52) / k ** 0.5)
+    kwargs, ref = {}, {}
+    if case in ("norm", "gated_norm", "norm_split"):
+        kwargs = dict(norm_w=rand(k, dtype=dtype, seed=53), eps=1e-5, norm_offset=1.0 if case == "gated_norm" else 0.0)
+    ref = dict(kwargs)
+    if case == "gated_norm":
+        qu, su = quantize.quantize_rows(rand(n, k, seed=54) / k ** 0.5)
+        kwargs.update(up=qu, up_scale=su, act="gelu_tanh")
+        ref.update(up=quantize.dequantize_rows(qu, su, dtype), act="gelu_tanh")
+    accumulate = case in ("accumulate", "norm_split")
+    base = rand(n, seed=55) if accumulate else torch.zeros(n, device=DEVICE)
+    out_dtype = torch.float32 if accumulate else dtype
+    o1, o2 = base.clone().to(out_dtype), base.clone().to(out_dtype)
+    config = gemv.GemvConfig(block_n=16, block_k=128, split_k=2 if accumulate else 1)
+    gemv.gemv(x, q, o1, accumulate=accumulate, config=config, scale=s, **kwargs)
+    gemv.gemv_torch(x, quantize.dequantize_rows(q, s, dtype), o2, accumulate=accumulate, **ref)
+    assert rel_err(o1, o2) < (1e-5 if dtype == torch.float32 else TOL[dtype] * 3)
+    default = gemv.gemv(x, q, torch.zeros_like(o1), accumulate=accumulate, scale=s, **kwargs)  # int8 default tiles
+    assert rel_err(default, o2 - base.to(out_dtype)) < (1e-5 if dtype == torch.float32 else TOL[dtype] * 3)
+
+
+def test_gemv_int8_needs_its_scales():
+    x, (q, s) = rand(64, seed=56), quantize.quantize_rows(rand(32, 64, seed=57))
+    out = torch.zeros(32, device=DEVICE)
+    with pytest.raises(ValueError, match="row scales"):
+        gemv.gemv(x, q, out)
+    with pytest.raises(ValueError, match="row scales"):
+        gemv.gemv(x, q.float(), out, scale=s)
+    with pytest.raises(ValueError, match="row scales"):
+        gemv.gemv(x, q, out, scale=s[:16])
+
+
+def test_int8_default_tiles_hold_the_bytes_of_the_dense_ones():
+    for n, k, gated, acc in [(3072, 2048, False, False), (8192, 2048, True, False), (2048, 8192, False, True),
+                             (128256, 2048, False, False)]:
+        dense, int8 = gemv.default_config(n, k, gated, acc), gemv.default_config(n, k, gated, acc, itemsize=1)
+        assert int8.block_k == 2 * dense.block_k and int8.split_k == dense.split_k and int8.block_n == dense.block_n
 
 
 @pytest.mark.gpu

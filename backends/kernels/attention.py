@@ -261,12 +261,13 @@ def _rope_attn_partial_kernel(
 
 
 @triton.jit
-def _combine_oproj_kernel(m_ptr, l_ptr, acc_ptr, w_ptr, h_ptr, N, n_chunks, stride_w,
+def _combine_oproj_kernel(m_ptr, l_ptr, acc_ptr, w_ptr, ws_ptr, o_like_ptr, h_ptr, N, n_chunks, stride_w,
                           D: tl.constexpr, CHUNKS_P2: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr,
-                          USE_PDL: tl.constexpr):
+                          SCALED: tl.constexpr, USE_PDL: tl.constexpr):
     """Batch 1: pass 2 fused with the output projection. Program (row block, group of HEADS heads) combines each
     head's chunks into o_h and adds W_o[rows, the group's columns] . o to the fp32 residual atomically (split-K over
-    head groups: HEADS > 1 means fewer atomic additions to the same address)."""
+    head groups: HEADS > 1 means fewer atomic additions to the same address). SCALED: W_o is int8 rows with fp32
+    scales `ws_ptr`. o is rounded to `o_like_ptr`'s dtype (the model's), as the unfused path rounds it."""
     pid_n = tl.program_id(0)
     head0 = tl.program_id(1) * HEADS
     pdl_prologue(USE_PDL)
@@ -287,8 +288,10 @@ def _combine_oproj_kernel(m_ptr, l_ptr, acc_ptr, w_ptr, h_ptr, N, n_chunks, stri
     wgt = tl.where(live, tl.exp(tl.where(live, m, m_max[:, None]) - m_max[:, None]), 0.0)
     acc = tl.load(acc_ptr + row[:, :, None] * D + d[None, None, :], mask=cmask[:, :, None], other=0.0)
     o = tl.sum(acc * wgt[:, :, None], axis=1) / tl.sum(l * wgt, axis=1)[:, None]  # [HEADS, D]
-    o = o.to(w_ptr.dtype.element_ty).to(tl.float32)  # as the unfused path rounds o to the model's dtype
+    o = o.to(o_like_ptr.dtype.element_ty).to(tl.float32)  # as the unfused path rounds o to the model's dtype
     y = tl.sum(tl.sum(w.to(tl.float32) * o[None, :, :], axis=2), axis=1)
+    if SCALED:
+        y = y * tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
     tl.atomic_add(h_ptr + rn, y, mask=rn < N)
 
 
@@ -317,14 +320,17 @@ class RopeAttention(DecodeAttention):
                                       num_warps=4, **launch_options(pdl))
         return out
 
-    def combine_oproj_(self, wo, h, pdl=False, block_n=64, num_warps=4, heads=1):
+    def combine_oproj_(self, wo, h, pdl=False, block_n=64, num_warps=4, heads=1, scale=None, o_like=None):
         """h (fp32 [hidden]) += W_o . attention output (batch 1); `heads` query heads per program (a power of two;
-        halved until it divides the head count)."""
+        halved until it divides the head count). int8 `wo` takes its fp32 row `scale`s and `o_like`, a tensor of
+        the model's dtype (the attention output is rounded to it before the projection)."""
         _, hq, _, d = self.shape
         n = wo.shape[0]
+        if (scale is not None) != (wo.dtype == torch.int8) or (scale is not None and o_like is None):
+            raise ValueError("an int8 W_o needs its row scales and o_like (a tensor of the model's dtype)")
         while hq % heads:
             heads //= 2
         _combine_oproj_kernel[(triton.cdiv(n, block_n), hq // heads)](
-            self.m, self.l, self.acc, wo, h, n, self.n_chunks, wo.stride(0), D=d,
-            CHUNKS_P2=triton.next_power_of_2(self.n_chunks), BLOCK_N=block_n, HEADS=heads, USE_PDL=pdl,
-            num_warps=num_warps, **launch_options(pdl))
+            self.m, self.l, self.acc, wo, scale if scale is not None else h, wo if o_like is None else o_like, h, n,
+            self.n_chunks, wo.stride(0), D=d, CHUNKS_P2=triton.next_power_of_2(self.n_chunks), BLOCK_N=block_n,
+            HEADS=heads, SCALED=scale is not None, USE_PDL=pdl, num_warps=num_warps, **launch_options(pdl))

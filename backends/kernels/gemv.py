@@ -3,6 +3,7 @@
     y[n] = sum_k W[n, k] * x'[k]        x' = x, or RMSNorm(x) * (norm_w + offset) when `norm_w` is given
     gated: y[n] = act(sum_k W[n, k] x'[k]) * sum_k U[n, k] x'[k]      (SwiGLU / GeGLU fused into the epilogue)
     accumulate: out[n] += y[n]          atomically, so split-K partial sums land straight in the fp32 residual
+    int8 weights: W[n, k] = q[n, k] * s[n] (backends/quantize.py); the kernel streams q and scales each row's sum
 
 One program owns BLOCK_N output rows and 1/SPLIT_K of the reduction; it streams [BLOCK_N, BLOCK_K] weight tiles
 (contiguous along K) and keeps an fp32 [BLOCK_N, BLOCK_K] accumulator, reduced once at the end. RMSNorm costs no
@@ -56,12 +57,12 @@ def pdl_wait(USE_PDL: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, u_ptr, nw_ptr, out_ptr, amax_ptr, aidx_ptr, N, K, stride_w, eps, norm_offset,
-                 k_per_split,
+def _gemv_kernel(x_ptr, w_ptr, u_ptr, nw_ptr, out_ptr, amax_ptr, aidx_ptr, ws_ptr, us_ptr, N, K, stride_w, eps,
+                 norm_offset, k_per_split,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_NORM: tl.constexpr, GATED: tl.constexpr,
                  ACT: tl.constexpr, ACCUMULATE: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr,
                  USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, k_prefetch, PRELOAD: tl.constexpr,
-                 TRIGGER: tl.constexpr, ARGMAX: tl.constexpr):
+                 TRIGGER: tl.constexpr, ARGMAX: tl.constexpr, SCALED: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -139,6 +140,10 @@ def _gemv_kernel(x_ptr, w_ptr, u_ptr, nw_ptr, out_ptr, amax_ptr, aidx_ptr, N, K,
     y = tl.sum(acc, axis=1)
     if GATED:
         y_u = tl.sum(acc_u, axis=1)
+    if SCALED:  # int8 rows: W[n, :] = q[n, :] * s[n], so the row's scale multiplies its sum once
+        y = y * tl.load(ws_ptr + rn, mask=nmask, other=0.0)
+        if GATED:
+            y_u = y_u * tl.load(us_ptr + rn, mask=nmask, other=0.0)
     if HAS_NORM:
         if not SPLIT:
             rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
@@ -160,17 +165,23 @@ def _gemv_kernel(x_ptr, w_ptr, u_ptr, nw_ptr, out_ptr, amax_ptr, aidx_ptr, N, K,
         tl.store(aidx_ptr + pid_n, tl.min(tl.where(nmask & (v == top), rn, N), axis=0))
 
 
-def default_config(n: int, k: int, gated: bool, accumulate: bool) -> GemvConfig:
+def default_config(n: int, k: int, gated: bool, accumulate: bool, itemsize: int = 2) -> GemvConfig:
     """One config per kind of GEMV, each within 2% of the per-shape best on an H100 (benchmarks/gemv_tune.py,
     bf16, every linear shape of Llama-3.2-1B and Qwen3-1.7B, programmatic dependent launch; BENCHMARKS.md): narrow
     programs with long K tiles, 8 warps, 4-stage pipelines, the first tile loaded before the dependency wait; the
-    GEMVs that accumulate into the residual (few output rows, long K) split K four ways."""
+    GEMVs that accumulate into the residual (few output rows, long K) split K four ways.
+
+    `itemsize` 1 (int8 weights): the same tiles in bytes, i.e. twice the columns where K allows it."""
+    wide = 2 if itemsize == 1 else 1
+
     def widest(*sizes):
+        sizes = tuple(b * wide for b in sizes[:1]) + sizes if wide > 1 else sizes
         return next((b for b in sizes if k % b == 0), sizes[-1])
 
     if accumulate:  # only an fp32 accumulating output can take split-K partial sums
-        split = 4 if k % (256 * 4) == 0 else 1
-        return GemvConfig(block_n=16, block_k=256, split_k=split, num_warps=8, num_stages=3, preload=True)
+        block_k = widest(256)
+        split = 4 if k % (block_k * 4) == 0 else 1
+        return GemvConfig(block_n=16, block_k=block_k, split_k=split, num_warps=8, num_stages=3, preload=True)
     if gated:
         return GemvConfig(block_n=8, block_k=widest(512, 256, 128), num_warps=8, num_stages=4, preload=True)
     if n >= 16 * k:  # the vocabulary projection: 4-warp programs over 512-wide tiles read it at 97% of the copy
@@ -183,8 +194,12 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, norm_w: torch.T
          eps: float = 1e-6, norm_offset: float = 0.0, up: torch.Tensor | None = None, act: str = "silu",
          accumulate: bool = False, config: GemvConfig | None = None, pdl: bool = False,
          prefetch: bool = False, preload: bool | None = None, trigger: str = "end",
-         argmax: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+         argmax: tuple[torch.Tensor, torch.Tensor] | None = None, scale: torch.Tensor | None = None,
+         up_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x: [K] or [1, K]; w (and up): [N, K] contiguous; out: [N] (fp32 when accumulating).
+
+    `scale` (and `up_scale` with `up`): fp32 [N] row scales of int8 weights `w` (and `up`), as
+    `backends.quantize.quantize_rows` makes them; int8 weights need them.
 
     `argmax` (fp32 and int32 buffers of `argmax_blocks(...)` entries): each program also writes the largest of its
     outputs and the first row holding it, for `step.advance_(pick=...)` to finish the argmax without another pass.
@@ -195,7 +210,13 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, norm_w: torch.T
     n, k = w.shape
     if accumulate and out.dtype != torch.float32:
         raise ValueError("accumulate=True needs an fp32 output")
-    config = config or default_config(n, k, up is not None, accumulate)
+    scaled = scale is not None
+    if scaled != (w.dtype == torch.int8) or (up is not None and (up_scale is not None) != scaled):
+        raise ValueError("int8 weights need their row scales (scale=, and up_scale= with up=), others none")
+    if scaled and (scale.shape != (n,) or scale.dtype != torch.float32 or
+                   (up is not None and (up.dtype != torch.int8 or up_scale.shape != (n,)))):
+        raise ValueError(f"row scales must be fp32 [{n}] and both weights int8")
+    config = config or default_config(n, k, up is not None, accumulate, w.element_size())
     preload = config.preload if preload is None else preload
     split = config.split_k if accumulate else 1
     k_per_split = triton.cdiv(triton.cdiv(k, split), config.block_k) * config.block_k
@@ -207,19 +228,20 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, norm_w: torch.T
     if argmax is not None and (accumulate or split > 1 or argmax[0].numel() != grid[0]):  # advance_ reads them all
         raise ValueError("argmax needs a non-accumulating GEMV and one entry per row block")
     amax, aidx = argmax if argmax is not None else (out, out)
-    _gemv_kernel[grid](x, w, up if up is not None else w, norm_w if norm_w is not None else x, out, amax, aidx, n, k,
+    _gemv_kernel[grid](x, w, up if up is not None else w, norm_w if norm_w is not None else x, out, amax, aidx,
+                       scale if scaled else out, up_scale if up_scale is not None else out, n, k,
                        w.stride(0), eps, norm_offset, k_per_split,
                        BLOCK_N=config.block_n, BLOCK_K=config.block_k, HAS_NORM=norm_w is not None,
                        GATED=up is not None, ACT=ACTIVATIONS[act], ACCUMULATE=accumulate, EVEN=even,
                        SPLIT=grid[1] > 1, USE_PDL=pdl, PREFETCH=pdl and prefetch, k_prefetch=k_prefetch,
-                       PRELOAD=preload, TRIGGER=TRIGGERS[trigger], ARGMAX=argmax is not None,
+                       PRELOAD=preload, TRIGGER=TRIGGERS[trigger], ARGMAX=argmax is not None, SCALED=scaled,
                        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(pdl))
     return out
 
 
-def argmax_blocks(n: int, k: int, config: GemvConfig | None = None) -> int:
+def argmax_blocks(n: int, k: int, config: GemvConfig | None = None, itemsize: int = 2) -> int:
     """How many (max, row) pairs `gemv(..., argmax=...)` writes for an [n, k] weight: one per row block."""
-    return triton.cdiv(n, (config or default_config(n, k, False, False)).block_n)
+    return triton.cdiv(n, (config or default_config(n, k, False, False, itemsize)).block_n)
 
 
 PREFETCH_BYTES = 16 * 2**20
@@ -231,10 +253,16 @@ def launch_options(pdl: bool) -> dict:
 
 
 def gemv_torch(x, w, out, *, norm_w=None, eps=1e-6, norm_offset=0.0, up=None, act="silu", accumulate=False,
-               config=None, pdl=False, prefetch=False, preload=None, trigger="end"):
+               config=None, pdl=False, prefetch=False, preload=None, trigger="end", scale=None, up_scale=None,
+               dtype=None):
+    """The reference; int8 weights are dequantized to `dtype` (the activations' dtype) first."""
     from backends.kernels.activation import gated_torch
     from backends.kernels.norms import rmsnorm_torch
+    from backends.quantize import dequantize_rows
 
+    if scale is not None:
+        w = dequantize_rows(w, scale, dtype)
+        up = dequantize_rows(up, up_scale, dtype) if up is not None else None
     x = x.reshape(1, -1)
     x = rmsnorm_torch(x, norm_w, eps, norm_offset, out_dtype=w.dtype) if norm_w is not None else x.to(w.dtype)
     y = torch.nn.functional.linear(x, w)

@@ -33,8 +33,8 @@ def bench(
         "Models: 'default', a folder, a hub id or preset:NAME (llama-3.2-1b, qwen3-1.7b, gemma3-1b, santacoder-1b, "
         "mistral-7b, mamba-1.4b); a comma list."))] = None,
     backend: Annotated[ListOpt, typer.Option("--backend", "-b", help=f"Backends: {', '.join(BACKEND_NAMES)}.")] = None,
-    precision: Annotated[ListOpt, typer.Option("--precision", "-p", help="fp32, fp16, bf16 (int8: onnxruntime).")
-                         ] = None,
+    precision: Annotated[ListOpt, typer.Option(
+        "--precision", "-p", help="fp32, fp16, bf16 (int8: onnxruntime, cuda, rocm).")] = None,
     attn: Annotated[ListOpt, typer.Option("--attn", help=f"Attention: {', '.join(ATTENTION)}.")] = None,
     kernels: Annotated[ListOpt, typer.Option("--kernels", help="GPU backends: triton or torch.")] = None,
     batch: Annotated[ListOpt, typer.Option("--batch", help="Batch sizes: 1,8,64 or 1-4096*2.")] = None,

@@ -41,7 +41,12 @@ class Peers:
         self.names = names
         self._loaded: tuple[object, object] | None = None  # (runner, HF model) of the current group
 
-    def engines(self, backend: str) -> list[str]:
+    def engines(self, backend: str, precision: str = "fp32") -> list[str]:
+        """The engines timed next to our points of this backend and precision. None for int8: generate has no
+        int8 weight-only path without extra packages, and timing the dense model under an int8 label would mislead
+        (compare an int8 row with the bf16 rows' peers)."""
+        if precision == "int8":
+            return []
         gpu = backend in GPU_BACKENDS
         return [engine for engine, wanted in (("hf-dynamic", {"hf", "hf-dynamic"}),
                                              ("hf-static-compile", {"hf", "hf-static-compile"} if gpu else set()))
@@ -51,8 +56,8 @@ class Peers:
         """Forget the model loaded for a runner (at the end of its group, or when it is reloaded)."""
         self._loaded = None
 
-    def count_for(self, backend: str) -> int:
-        return len(self.engines(backend))
+    def count_for(self, backend: str, precision: str = "fp32") -> int:
+        return len(self.engines(backend, precision))
 
     def _model(self, runner, point: RunPoint):
         model = getattr(runner, "model", None)
@@ -67,7 +72,7 @@ class Peers:
 
     def measure(self, runner, point: RunPoint, spec: SweepSpec, progress) -> list[Result]:
         out = []
-        for engine in self.engines(point.key.backend):
+        for engine in self.engines(point.key.backend, point.key.precision):
             result = base_result(point, spec, engine=engine)
             result.kernels = None
             result.sync_every = None

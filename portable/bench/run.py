@@ -82,8 +82,8 @@ def prompt(config, batch: int, length: int, seed: int) -> tuple[torch.Tensor, to
 
 def planned_repetitions(spec: SweepSpec, peers=None) -> int:
     """The progress bar's total: every warm-up and timed repetition of ours and of each peer."""
-    return sum(len(points) * (spec.warmup + spec.repetitions) * (1 + (peers.count_for(key.backend) if peers else 0))
-               for key, points in plan(spec))
+    return sum(len(points) * (spec.warmup + spec.repetitions) *
+               (1 + (peers.count_for(key.backend, key.precision) if peers else 0)) for key, points in plan(spec))
 
 
 class PointMeasure:
@@ -96,7 +96,9 @@ class PointMeasure:
         self.batch = point.batch
         self.seed = seed
         self.cost: roofline.CostModel | None = None
-        self.weights = roofline.weight_bytes(getattr(runner, "model", None))
+        # a runner that streams other bytes than its module's parameters says so (the int8 CUDA fast path)
+        self.weights = (runner.weight_bytes(self.batch) if hasattr(runner, "weight_bytes") else
+                        roofline.weight_bytes(getattr(runner, "model", None)))
         self.depth_file: Path | None = None
         if self.test.kind == "tg" and self.test.depth:
             self.depth_file = workdir / f"depth-{self.test.depth}-b{self.batch}.safetensors"
@@ -309,7 +311,7 @@ def _run_group(key: LoadKey, points: list[RunPoint], spec: SweepSpec, workdir: P
     runs: a failed allocation or a crash can leave it half-prepared (a static cache, a graph capture)."""
     results: list[Result] = []
     ours = spec.warmup + spec.repetitions
-    theirs = ours * (peers.count_for(key.backend) if peers else 0)
+    theirs = ours * (peers.count_for(key.backend, key.precision) if peers else 0)
     runner = info = source = env = peak = None
     out_of_memory_at: dict[tuple, int] = {}
     for i, point in enumerate(points):
