@@ -50,7 +50,10 @@ VARIANTS = {
     "attn w4": dict(attention_warps=4),
     "attn bs64": dict(attention_block_s=64),
     # with --int8: the dense defaults' tiles (the same columns, half the bytes) instead of the int8 defaults
-    "dense tiles": "dense tiles",
+    "dense tiles": {"_dense": True},
+    # with --int8: widen int8 with the int-to-float unit (cvt) rather than gemv.widen's byte permutes
+    "i2f": {"_i2f": True},
+    "i2f dense tiles": {"_i2f": True, "_dense": True},
     "int8 gu w4": dict(gemv_configs={"gate_up": GemvConfig(8, 1024, 1, 4, 4, True)}),
     "int8 head w8": dict(gemv_configs={"head": GemvConfig(8, 1024, 1, 8, 4, True)}),
 }
@@ -63,6 +66,13 @@ def dense_tiles(decoder) -> dict:
               "down": (layer.wd.shape, False, True), "head": (decoder.head.shape, False, False)}
     return {"gemv_configs": {kind: gemv.default_config(*shape, gated, acc, itemsize=2)
                              for kind, (shape, gated, acc) in shapes.items()}}
+
+
+def widen_i2f(on: bool) -> None:
+    """Have the int8 kernels convert with cvt (on) or with gemv.widen's byte permutes (off, the default)."""
+    from backends.kernels import attention, fast_int8
+
+    gemv.fast_int8 = attention.fast_int8 = (lambda device: False) if on else fast_int8
 
 
 def replay_ms(runner, reps=200) -> float:
@@ -133,8 +143,10 @@ def main() -> None:
             v = VARIANTS[variant]
             runner = FastRunner(loaded, backend="cuda", config=RunConfig(kernels="triton"), device=torch.device("cuda"),
                                 int8=int8)
-            if v == "dense tiles":
-                v = dense_tiles(runner.decoder)
+            v = dict(v)
+            if v.pop("_dense", False):
+                v.update(dense_tiles(runner.decoder))
+            widen_i2f(v.pop("_i2f", False))
             for knob, value in v.items():
                 setattr(runner.decoder, knob, value)
             try:

@@ -284,7 +284,8 @@ def decode(config: RunConfig, on_tokens: Callable[[int, list[int | None]], None]
         cache={**{k: v for k, v in cache_cpu.file_info.items() if k not in ("read_s", "load_s")}, "cast": cast,
                "made_by": {k: cache_cpu.prefill.get(k) for k in ("backend", "precision", "device", "device_name")},
                "warnings": warnings},
-        backend_details={"device_name": info.device_name, "sync_every": config.sync_every, **info.details},
+        backend_details={"device_name": info.device_name, "sync_every": config.sync_every, **info.details,
+                         **({"int8_scheme": int8_scheme(config.backend)} if config.precision == "int8" else {})},
         environment=environment())
 
 

@@ -243,6 +243,7 @@ def test_cuda_int8_weight_only_verdict(cpu_cache, tmp_path):
             str(tmp_path / "r.json"), "-q", "--artifact-dir", str(tmp_path / "art"))
     report = read_json(tmp_path / "r.json")
     assert report["backend_details"]["weights"] == "int8" and report["backend_details"]["cuda_graph"]
+    assert report["backend_details"]["int8_scheme"] == "weight-only"
     assert report["parity"]["verdict"] in ("exact", "within-precision"), report["parity"]
 
 

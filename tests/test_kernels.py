@@ -257,6 +257,21 @@ def test_gemv_int8_rows_match_the_dequantized_weights(dtype, case):
     assert rel_err(default, o2 - base.to(out_dtype)) < (1e-5 if dtype == torch.float32 else TOL[dtype] * 3)
 
 
+def test_gemv_int8_widens_every_byte_exactly():
+    """Every int8 value in every byte lane of a 32-bit word comes out as itself (on an NVIDIA GPU the kernel widens
+    int8 through byte permutes, gemv.widen): x = e_j reads column j of q back, times its row scale."""
+    g = torch.Generator().manual_seed(58)
+    q = torch.stack([torch.arange(-128, 128, dtype=torch.int16)[torch.randperm(256, generator=g)]
+                     for _ in range(64)], 1).to(torch.int8).to(DEVICE)  # [256, 64]: each column holds every value
+    s = torch.rand(256, generator=g).to(DEVICE) + 0.5
+    for j in (0, 1, 2, 3, 6, 63):
+        x = torch.zeros(64, device=DEVICE)
+        x[j] = 1.0
+        out = gemv.gemv(x, q, torch.zeros(256, device=DEVICE), scale=s,
+                        config=gemv.GemvConfig(block_n=16, block_k=64))
+        assert torch.equal(out, q[:, j].float() * s), j
+
+
 def test_gemv_int8_needs_its_scales():
     x, (q, s) = rand(64, seed=56), quantize.quantize_rows(rand(32, 64, seed=57))
     out = torch.zeros(32, device=DEVICE)

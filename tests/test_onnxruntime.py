@@ -172,6 +172,7 @@ def test_reduced_precisions_get_a_verdict(embedded, precision, mode, monkeypatch
         assert "read" in stages and "export" not in stages  # derived from the saved fp32 graph, not exported again
     if precision == "fp16":
         assert report.backend_details["fp16_mode"] == mode
+    assert report.backend_details.get("int8_scheme") == ("dynamic" if precision == "int8" else None)
 
 
 def test_native_fp16_with_the_device_path(embedded, monkeypatch):

@@ -22,6 +22,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def fast_int8(device) -> bool:
+    """Whether the GEMVs may widen int8 weights with PTX byte permutes (gemv.widen): compiled, on NVIDIA."""
+    import torch
+
+    return device.type == "cuda" and not interpreting() and torch.version.hip is None
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

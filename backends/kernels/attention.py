@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from backends.kernels import interpreting
-from backends.kernels.gemv import launch_options, pdl_prologue, pdl_wait
+from backends.kernels import fast_int8, interpreting
+from backends.kernels.gemv import launch_options, pdl_prologue, pdl_wait, widen
 
 
 def group_rows(group: int, use_dot: bool) -> int:
@@ -263,7 +263,7 @@ def _rope_attn_partial_kernel(
 @triton.jit
 def _combine_oproj_kernel(m_ptr, l_ptr, acc_ptr, w_ptr, ws_ptr, o_like_ptr, h_ptr, N, n_chunks, stride_w,
                           D: tl.constexpr, CHUNKS_P2: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr,
-                          SCALED: tl.constexpr, USE_PDL: tl.constexpr):
+                          SCALED: tl.constexpr, FAST_I8: tl.constexpr, USE_PDL: tl.constexpr):
     """Batch 1: pass 2 fused with the output projection. Program (row block, group of HEADS heads) combines each
     head's chunks into o_h and adds W_o[rows, the group's columns] . o to the fp32 residual atomically (split-K over
     head groups: HEADS > 1 means fewer atomic additions to the same address). SCALED: W_o is int8 rows with fp32
@@ -289,7 +289,7 @@ def _combine_oproj_kernel(m_ptr, l_ptr, acc_ptr, w_ptr, ws_ptr, o_like_ptr, h_pt
     acc = tl.load(acc_ptr + row[:, :, None] * D + d[None, None, :], mask=cmask[:, :, None], other=0.0)
     o = tl.sum(acc * wgt[:, :, None], axis=1) / tl.sum(l * wgt, axis=1)[:, None]  # [HEADS, D]
     o = o.to(o_like_ptr.dtype.element_ty).to(tl.float32)  # as the unfused path rounds o to the model's dtype
-    y = tl.sum(tl.sum(w.to(tl.float32) * o[None, :, :], axis=2), axis=1)
+    y = tl.sum(tl.sum(widen(w, FAST_I8) * o[None, :, :], axis=2), axis=1)
     if SCALED:
         y = y * tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
     tl.atomic_add(h_ptr + rn, y, mask=rn < N)
@@ -333,4 +333,5 @@ class RopeAttention(DecodeAttention):
         _combine_oproj_kernel[(triton.cdiv(n, block_n), hq // heads)](
             self.m, self.l, self.acc, wo, scale if scale is not None else h, wo if o_like is None else o_like, h, n,
             self.n_chunks, wo.stride(0), D=d, CHUNKS_P2=triton.next_power_of_2(self.n_chunks), BLOCK_N=block_n,
-            HEADS=heads, SCALED=scale is not None, USE_PDL=pdl, num_warps=num_warps, **launch_options(pdl))
+            HEADS=heads, SCALED=scale is not None, FAST_I8=scale is not None and fast_int8(wo.device), USE_PDL=pdl,
+            num_warps=num_warps, **launch_options(pdl))
