@@ -60,7 +60,7 @@ class TorchGpuBackend:
         int8 = config.precision == "int8"
         loaded = models.load(source, precision="bf16" if int8 else config.precision, device=str(device),
                              attn=config.attn)
-        from backends import llama_fast
+        from backends import fast_runner, llama_fast
 
         why_not = llama_fast.supports(loaded.model)  # None when our decode step covers the model
         if int8:
@@ -69,11 +69,11 @@ class TorchGpuBackend:
                                     f"({why_not or 'not with --attn eager'}); use bf16")
             from backends import quantize
 
-            return llama_fast.FastRunner(loaded, backend=self.name, config=config, device=device,
-                                         graphs=None if config.compile else False,
-                                         int8=quantize.quantize_linears_(loaded.model))
+            return fast_runner.FastRunner(loaded, backend=self.name, config=config, device=device,
+                                          graphs=None if config.compile else False,
+                                          int8=quantize.quantize_linears_(loaded.model))
         if config.compile and config.attn != "eager" and why_not is None:
-            return llama_fast.FastRunner(loaded, backend=self.name, config=config, device=device)
+            return fast_runner.FastRunner(loaded, backend=self.name, config=config, device=device)
         return HFRunner(loaded, backend=self.name, precision=config.precision, device=device)
 
     def describe(self) -> dict:

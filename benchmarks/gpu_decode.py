@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backends.hf_torch import HFRunner  # noqa: E402
-from backends.llama_fast import FastRunner  # noqa: E402
+from backends.fast_runner import FastRunner  # noqa: E402
 from portable import models  # noqa: E402
 from portable.config import RunConfig  # noqa: E402
 from benchmarks.gemv_tune import copy_bandwidth  # noqa: E402

@@ -22,7 +22,7 @@ from backends.hf_torch import HFRunner  # noqa: E402
 from backends import quantize  # noqa: E402
 from backends.kernels import gemv  # noqa: E402
 from backends.kernels.gemv import GemvConfig  # noqa: E402
-from backends.llama_fast import FastRunner  # noqa: E402
+from backends.fast_runner import FastRunner  # noqa: E402
 from portable import models  # noqa: E402
 from portable.config import RunConfig  # noqa: E402
 

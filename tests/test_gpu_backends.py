@@ -3,7 +3,6 @@ step against Hugging Face. On a GPU (marked `gpu`): exactness, precisions, graph
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -12,7 +11,8 @@ import backends
 from backends.cuda import CudaBackend
 from backends.gpu import TorchGpuBackend
 from backends.hf_torch import HFRunner
-from backends.llama_fast import FastRunner, pdl_supported, supports
+from backends.fast_runner import FastRunner, pdl_supported
+from backends.llama_fast import supports
 from backends.rocm import RocmBackend
 from portable import models
 from portable.config import RunConfig
