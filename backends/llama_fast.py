@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import torch
 
 from backends.kernels import activation, attention, gemv, norms, rope, step
-from backends.kernels.mlp import MlpConfig, mlp_
 from caches import PromptCache, SlidingWindowLayer
 from portable import architectures
 
@@ -107,10 +106,6 @@ class FastDecoder:
         # 128-row programs for the combine + output projection.
         self.oproj_block_n, self.oproj_warps, self.oproj_heads = 128, 4, 1
         self.attention_block_s, self.attention_warps = 32, 8
-        # batch 1, dense weights, not Gemma: the whole MLP in one launch (backends/kernels/mlp.py); it needs the down
-        # weights transposed (a copy made once, at allocate)
-        self.fused_mlp, self.mlp_config = False, MlpConfig()
-        self._down_t: dict[int, torch.Tensor] = {}
         inner = model.model
         self.dtype = inner.embed_tokens.weight.dtype
         self.device = inner.embed_tokens.weight.device
@@ -152,7 +147,6 @@ class FastDecoder:
                 window=int(config.sliding_window) if kind == "sliding_attention" else 0,
                 int8=_layer_int8(int8, attn, mlp) if int8 else None))
         self.shape = None
-        self.pending = None
 
     # ---- static state ----
     def allocate(self, batch: int, slots: int) -> None:
@@ -182,13 +176,6 @@ class FastDecoder:
                                                  block_s=self.attention_block_s)
         self.attention.num_warps = self.attention_warps
         self.shape = (batch, slots)
-        self.pending = None
-        if self._mlp_fused():
-            self.pending = torch.zeros(2, hidden, dtype=torch.float32, device=dev)  # MLP outputs, by layer parity
-            for i, layer in enumerate(self.layers):
-                if i not in self._down_t:
-                    self._down_t[i] = layer.wd.t().contiguous()
-            self.sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
 
     def load_cache(self, cache: PromptCache, max_new_tokens: int) -> None:
         """Copy a prompt cache (already on this device and dtype) into the static cache."""
@@ -210,10 +197,6 @@ class FastDecoder:
     def _fused(self) -> bool:
         return self.kernels == "triton" and self.shape[0] == 1
 
-    def _mlp_fused(self) -> bool:
-        return (self.fused_mlp and self._fused() and not self.gemma and self.weights == "native"
-                and self.embed.shape[1] % 16 == 0)
-
     def step(self, greedy: bool = False) -> torch.Tensor:
         """One decode step for `self.tokens`; advances positions and the slot; returns logits [batch, vocab].
 
@@ -221,8 +204,7 @@ class FastDecoder:
         writes it to `self.tokens` as the next step's input and to `self.history[:, slot]`, so that consecutive
         greedy steps (one CUDA graph each) need nothing from the host between them."""
         triton_ = self.kernels == "triton"
-        (step.embed_ if triton_ else step.embed_torch_)(self.tokens, self.embed, self.h, self.embed_scale, self.pdl,
-                                                        zero=self.pending)
+        (step.embed_ if triton_ else step.embed_torch_)(self.tokens, self.embed, self.h, self.embed_scale, self.pdl)
         if self._fused():
             self._layers_gemv(greedy)
         else:
@@ -267,11 +249,10 @@ class FastDecoder:
         h, o, eps, off = self.h[0], self.o.view(-1), self.eps, self.offset
         pdl = {"pdl": self.pdl, "prefetch": self.prefetch, "preload": self.preload, "trigger": self.trigger}
         cfg = self.gemv_configs
-        pend = None  # fused MLPs: the previous layer's MLP output, not yet in h (see backends/kernels/mlp.py)
         for i, layer in enumerate(self.layers):
             w, s = _weight(layer, "qkv")
             gemv.gemv(h, w, self.qkv[0], norm_w=layer.ln1, eps=eps, norm_offset=off, config=cfg.get("qkv"), scale=s,
-                      x2=pend, **pdl)
+                      **pdl)
             self._attend(i, layer, combine=self.gemma)
             w, s = _weight(layer, "o")
             if self.gemma:
@@ -279,12 +260,7 @@ class FastDecoder:
                 rmsnorm_add(self.tmp, self.h, layer.post_attn, eps, off)
             else:
                 self.attention.combine_oproj_(w, h, self.pdl, self.oproj_block_n, self.oproj_warps,
-                                              self.oproj_heads, scale=s, o_like=self.o, pending=pend)
-            if self.pending is not None:
-                pend = self.pending[i % 2]
-                mlp_(h, layer.ln2, layer.wg, layer.wu, self._down_t[i], pend, eps=eps, norm_offset=off, act=self.act,
-                     config=self.mlp_config, sms=self.sms, pdl=self.pdl)
-                continue
+                                              self.oproj_heads, scale=s, o_like=self.o)
             (w, s), (u, us) = _weight(layer, "g"), _weight(layer, "u")
             gemv.gemv(h, w, self.mlp[0], norm_w=layer.ln2, eps=eps, norm_offset=off, up=u, act=self.act,
                       config=cfg.get("gate_up"), scale=s, up_scale=us, **pdl)
@@ -296,7 +272,7 @@ class FastDecoder:
                 gemv.gemv(self.mlp[0], w, h, accumulate=True, config=cfg.get("down"), scale=s, **pdl)
         w, s = self.head_int8 or (self.head, None)
         gemv.gemv(h, w, self.logits[0], norm_w=self.final_norm, eps=eps, norm_offset=off, config=cfg.get("head"),
-                  argmax=(self.amax, self.aidx) if greedy else None, scale=s, x2=pend, **pdl)
+                  argmax=(self.amax, self.aidx) if greedy else None, scale=s, **pdl)
 
     def _layers_matmul(self) -> None:
         rmsnorm, rmsnorm_add, gated = self._k()

@@ -22,7 +22,6 @@ from backends.hf_torch import HFRunner  # noqa: E402
 from backends import quantize  # noqa: E402
 from backends.kernels import gemv  # noqa: E402
 from backends.kernels.gemv import GemvConfig  # noqa: E402
-from backends.kernels.mlp import MlpConfig  # noqa: E402
 from backends.fast_runner import FastRunner  # noqa: E402
 from portable import models  # noqa: E402
 from portable.config import RunConfig  # noqa: E402
@@ -57,42 +56,6 @@ VARIANTS = {
     "i2f dense tiles": {"_i2f": True, "_dense": True},
     "int8 gu w4": dict(gemv_configs={"gate_up": GemvConfig(8, 1024, 1, 4, 4, True)}),
     "int8 head w8": dict(gemv_configs={"head": GemvConfig(8, 1024, 1, 8, 4, True)}),
-    # the whole MLP in one launch (backends/kernels/mlp.py), with its config's knobs
-    "mlp off": dict(fused_mlp=False),
-    "mlp": dict(fused_mlp=True),
-    **{f"mlp {name}": dict(fused_mlp=True, mlp_config=MlpConfig(**knobs)) for name, knobs in {
-        "k128": dict(block_k=128), "k32": dict(block_k=32), "h64": dict(block_h=64), "h256": dict(block_h=256),
-        "w4": dict(num_warps=4), "s3": dict(num_stages=3), "s5": dict(num_stages=5), "early": dict(early_trigger=True),
-        "d2": dict(dot_down=True), "d2 k128": dict(dot_down=True, block_k=128),
-        "d2 h256": dict(dot_down=True, block_h=256), "d2 k128 h256": dict(dot_down=True, block_k=128, block_h=256),
-        "d12": dict(dot_gate_up=True, dot_down=True),
-        "d12 k128": dict(dot_gate_up=True, dot_down=True, block_k=128),
-        "d12 k256": dict(dot_gate_up=True, dot_down=True, block_k=256),
-        "d12 k256 h256": dict(dot_gate_up=True, dot_down=True, block_k=256, block_h=256),
-        "d12 k256 h256 s3": dict(dot_gate_up=True, dot_down=True, block_k=256, block_h=256, num_stages=3),
-        "d12 k128 h256 w4": dict(dot_gate_up=True, dot_down=True, block_k=128, block_h=256, num_warps=4),
-        "d12 k256 2/sm": dict(dot_gate_up=True, dot_down=True, block_k=256, per_sm=2),
-        "d12 k512": dict(dot_gate_up=True, dot_down=True, block_k=512),
-        "d12 k256 h512": dict(dot_gate_up=True, dot_down=True, block_k=256, block_h=512),
-        "d12 k256 s5": dict(dot_gate_up=True, dot_down=True, block_k=256, num_stages=5),
-        "d12 k256 h1024": dict(dot_gate_up=True, dot_down=True, block_k=256, block_h=1024),
-        "best pf": dict(dot_gate_up=True, dot_down=True, block_k=256, block_h=512, prefetch_down=True),
-        "best ef": dict(dot_gate_up=True, dot_down=True, block_k=256, block_h=512, evict_first=True),
-        "best pf ef": dict(dot_gate_up=True, dot_down=True, block_k=256, block_h=512, prefetch_down=True,
-                           evict_first=True),
-        "best pf ef s3": dict(dot_gate_up=True, dot_down=True, block_k=256, block_h=512, prefetch_down=True,
-                              evict_first=True, num_stages=3),
-        "best pf ef h256": dict(dot_gate_up=True, dot_down=True, block_k=256, block_h=256, prefetch_down=True,
-                                evict_first=True),
-        "best pf ef early": dict(dot_gate_up=True, dot_down=True, block_k=256, block_h=512, prefetch_down=True,
-                                 evict_first=True, early_trigger=True),
-        "d12 k256 h512 s3": dict(dot_gate_up=True, dot_down=True, block_k=256, block_h=512, num_stages=3),
-        "d12 k256 h512 w4": dict(dot_gate_up=True, dot_down=True, block_k=256, block_h=512, num_warps=4),
-        "d12 k128 h512": dict(dot_gate_up=True, dot_down=True, block_k=128, block_h=512),
-        "d12 k256 h512 early": dict(dot_gate_up=True, dot_down=True, block_k=256, block_h=512, early_trigger=True),
-        "d12 k256 h512 2/sm": dict(dot_gate_up=True, dot_down=True, block_k=256, block_h=512, per_sm=2),
-        "d12 k256 w4": dict(dot_gate_up=True, dot_down=True, block_k=256, num_warps=4),
-    }.items()},
 }
 
 

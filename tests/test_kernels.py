@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from backends import quantize
-from backends.kernels import activation, attention, gemv, mlp, norms, rope, step
+from backends.kernels import activation, attention, gemv, norms, rope, step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -183,60 +183,6 @@ def test_gemv(dtype, case, preload):
     gemv.gemv_torch(x, w, o2, accumulate=accumulate, **kwargs)
     # The reference rounds the (normalised) input to the weight dtype as a matmul does; the kernel keeps fp32.
     assert rel_err(o1, o2) < TOL[dtype] * (3 if dtype != torch.float32 else 1)
-
-
-def test_gemv_adds_the_second_input_before_the_norm():
-    """x2: the GEMV's input is x + x2 (a residual and a fused MLP's pending output), normalised together."""
-    n, k = 48, 256
-    x, x2 = rand(k, seed=40), rand(k, seed=41)
-    w = (rand(n, k, dtype=torch.bfloat16, seed=42) / k ** 0.5).contiguous()
-    nw = rand(k, dtype=torch.bfloat16, seed=43)
-    o1, o2 = torch.zeros(n, device=DEVICE, dtype=torch.bfloat16), torch.zeros(n, device=DEVICE, dtype=torch.bfloat16)
-    gemv.gemv(x, w, o1, norm_w=nw, x2=x2, config=gemv.GemvConfig(block_n=16, block_k=64))
-    gemv.gemv_torch(x + x2, w, o2, norm_w=nw)
-    assert rel_err(o1, o2) < TOL[torch.bfloat16] * 3
-    with pytest.raises(ValueError, match="x2"):
-        gemv.gemv(x, w, o1, x2=x2[:10])
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [0, 8, 24])
-@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
-@pytest.mark.parametrize("dots", [False, True])
-def test_fused_mlp_matches_the_two_gemvs(dtype, rows, act, dots):
-    """The whole MLP in one launch (gate/up, activation, the transposed down weight split over row blocks, atomic
-    additions) against the reference, and against the two-GEMV path it replaces; rows=24 leaves a partial last
-    program (100 intermediate rows) and a padded row tile."""
-    n, k = 100, 128
-    x = rand(k, seed=50)
-    nw = rand(k, dtype=dtype, seed=51)
-    g, u = ((rand(n, k, dtype=dtype, seed=s) / k ** 0.5).contiguous() for s in (52, 53))
-    d = (rand(k, n, dtype=dtype, seed=54) / n ** 0.5).contiguous()
-    base = rand(k, seed=55)
-    o1, o2, o3 = base.clone(), base.clone(), base.clone()
-    config = mlp.MlpConfig(rows=rows, block_k=32, block_h=64, dot_gate_up=dots, dot_down=dots)
-    mlp.mlp_(x, nw, g, u, d.t().contiguous(), o1, eps=1e-5, norm_offset=0.5, act=act, config=config, sms=5)
-    mlp.mlp_torch_(x, nw, g, u, d.t().contiguous(), o2, eps=1e-5, norm_offset=0.5, act=act)
-    a = torch.zeros(n, device=DEVICE, dtype=dtype)
-    gemv.gemv(x, g, a, norm_w=nw, eps=1e-5, norm_offset=0.5, up=u, act=act, config=gemv.GemvConfig(8, 32))
-    gemv.gemv(a, d, o3, accumulate=True, config=gemv.GemvConfig(16, 32))
-    # with dots (compiled), the normalised input is rounded to the weights' dtype for the tensor cores
-    assert rel_err(o1 - base, o3 - base) < (1e-5 if dtype == torch.float32 else TOL[dtype] if dots else 1e-3)
-    assert rel_err(o1 - base, o2 - base) < TOL[dtype] * 3
-    assert mlp.rows_per_program(8192, 132) == 64 and mlp.rows_per_program(6144, 132) == 48
-    with pytest.raises(ValueError, match="not x"):
-        mlp.mlp_(o1, nw, g, u, d.t().contiguous(), o1, config=config)
-    with pytest.raises(ValueError, match="transposed"):
-        mlp.mlp_(x, nw, g, u, d, o1, config=config)
-
-
-def test_embed_clears_the_pending_buffers():
-    tokens = torch.tensor([2], device=DEVICE)
-    emb = rand(5, 64, dtype=torch.bfloat16, seed=56)
-    h = torch.zeros(1, 64, device=DEVICE)
-    pending = rand(2, 64, seed=57)
-    step.embed_(tokens, emb, h, 1.0, zero=pending)
-    assert torch.equal(h[0], emb[2].float()) and not pending.any()
 
 
 @pytest.mark.parametrize("n", [200, 1000])

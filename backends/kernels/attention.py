@@ -261,16 +261,13 @@ def _rope_attn_partial_kernel(
 
 
 @triton.jit
-def _combine_oproj_kernel(m_ptr, l_ptr, acc_ptr, w_ptr, ws_ptr, o_like_ptr, h_ptr, pend_ptr, N, n_chunks, stride_w,
+def _combine_oproj_kernel(m_ptr, l_ptr, acc_ptr, w_ptr, ws_ptr, o_like_ptr, h_ptr, N, n_chunks, stride_w,
                           D: tl.constexpr, CHUNKS_P2: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr,
-                          SCALED: tl.constexpr, FAST_I8: tl.constexpr, USE_PDL: tl.constexpr,
-                          HAS_PEND: tl.constexpr):
+                          SCALED: tl.constexpr, FAST_I8: tl.constexpr, USE_PDL: tl.constexpr):
     """Batch 1: pass 2 fused with the output projection. Program (row block, group of HEADS heads) combines each
     head's chunks into o_h and adds W_o[rows, the group's columns] . o to the fp32 residual atomically (split-K over
     head groups: HEADS > 1 means fewer atomic additions to the same address). SCALED: W_o is int8 rows with fp32
-    scales `ws_ptr`. o is rounded to `o_like_ptr`'s dtype (the model's), as the unfused path rounds it.
-    HAS_PEND: the programs of the first head group also move `pend_ptr` (the previous layer's fused MLP output) into
-    the residual and clear it."""
+    scales `ws_ptr`. o is rounded to `o_like_ptr`'s dtype (the model's), as the unfused path rounds it."""
     pid_n = tl.program_id(0)
     head0 = tl.program_id(1) * HEADS
     pdl_prologue(USE_PDL)
@@ -295,10 +292,6 @@ def _combine_oproj_kernel(m_ptr, l_ptr, acc_ptr, w_ptr, ws_ptr, o_like_ptr, h_pt
     y = tl.sum(tl.sum(widen(w, FAST_I8) * o[None, :, :], axis=2), axis=1)
     if SCALED:
         y = y * tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
-    if HAS_PEND:
-        if head0 == 0:
-            y += tl.load(pend_ptr + rn, mask=rn < N, other=0.0)
-            tl.store(pend_ptr + rn, tl.zeros([BLOCK_N], tl.float32), mask=rn < N)
     tl.atomic_add(h_ptr + rn, y, mask=rn < N)
 
 
@@ -327,12 +320,10 @@ class RopeAttention(DecodeAttention):
                                       num_warps=4, **launch_options(pdl))
         return out
 
-    def combine_oproj_(self, wo, h, pdl=False, block_n=64, num_warps=4, heads=1, scale=None, o_like=None,
-                       pending=None):
+    def combine_oproj_(self, wo, h, pdl=False, block_n=64, num_warps=4, heads=1, scale=None, o_like=None):
         """h (fp32 [hidden]) += W_o . attention output (batch 1); `heads` query heads per program (a power of two;
         halved until it divides the head count). int8 `wo` takes its fp32 row `scale`s and `o_like`, a tensor of
-        the model's dtype (the attention output is rounded to it before the projection). `pending` (fp32 [hidden]):
-        also added into h, then zeroed (a fused MLP's output, `backends.kernels.mlp`)."""
+        the model's dtype (the attention output is rounded to it before the projection)."""
         _, hq, _, d = self.shape
         n = wo.shape[0]
         if (scale is not None) != (wo.dtype == torch.int8) or (scale is not None and o_like is None):
@@ -340,8 +331,7 @@ class RopeAttention(DecodeAttention):
         while hq % heads:
             heads //= 2
         _combine_oproj_kernel[(triton.cdiv(n, block_n), hq // heads)](
-            self.m, self.l, self.acc, wo, scale if scale is not None else h, wo if o_like is None else o_like, h,
-            h if pending is None else pending, n,
+            self.m, self.l, self.acc, wo, scale if scale is not None else h, wo if o_like is None else o_like, h, n,
             self.n_chunks, wo.stride(0), D=d, CHUNKS_P2=triton.next_power_of_2(self.n_chunks), BLOCK_N=block_n,
             HEADS=heads, SCALED=scale is not None, FAST_I8=scale is not None and fast_int8(wo.device), USE_PDL=pdl,
-            HAS_PEND=pending is not None, num_warps=num_warps, **launch_options(pdl))
+            num_warps=num_warps, **launch_options(pdl))

@@ -74,27 +74,13 @@ def pdl_wait(USE_PDL: tl.constexpr):
 
 
 @triton.jit
-def load_x(x_ptr, x2_ptr, rk, mask, HAS_X2: tl.constexpr):
-    """x[rk] in fp32; HAS_X2: x[rk] + x2[rk] (fp32), the residual with a pending MLP output (`mlp.fused_mlp`)."""
-    if mask is None:
-        x = tl.load(x_ptr + rk).to(tl.float32)
-        if HAS_X2:
-            x += tl.load(x2_ptr + rk)
-    else:
-        x = tl.load(x_ptr + rk, mask=mask, other=0.0).to(tl.float32)
-        if HAS_X2:
-            x += tl.load(x2_ptr + rk, mask=mask, other=0.0)
-    return x
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, x2_ptr, w_ptr, u_ptr, nw_ptr, out_ptr, amax_ptr, aidx_ptr, ws_ptr, us_ptr, N, K, stride_w,
-                 eps, norm_offset, k_per_split,
+def _gemv_kernel(x_ptr, w_ptr, u_ptr, nw_ptr, out_ptr, amax_ptr, aidx_ptr, ws_ptr, us_ptr, N, K, stride_w, eps,
+                 norm_offset, k_per_split,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_NORM: tl.constexpr, GATED: tl.constexpr,
                  ACT: tl.constexpr, ACCUMULATE: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr,
                  USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, k_prefetch, PRELOAD: tl.constexpr,
                  TRIGGER: tl.constexpr, ARGMAX: tl.constexpr, SCALED: tl.constexpr,
-                 FAST_I8: tl.constexpr, HAS_X2: tl.constexpr):
+                 FAST_I8: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -122,7 +108,7 @@ def _gemv_kernel(x_ptr, x2_ptr, w_ptr, u_ptr, nw_ptr, out_ptr, amax_ptr, aidx_pt
         ss_pre = tl.zeros([BLOCK_K], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            xv = load_x(x_ptr, x2_ptr, rk, rk < K, HAS_X2)
+            xv = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
             ss_pre += xv * xv
         rstd = tl.rsqrt(tl.sum(ss_pre, axis=0) / K + eps)
     ss = tl.zeros([BLOCK_K], tl.float32)
@@ -131,7 +117,7 @@ def _gemv_kernel(x_ptr, x2_ptr, w_ptr, u_ptr, nw_ptr, out_ptr, amax_ptr, aidx_pt
         acc_u = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     if PRELOAD:
         rk = rk0
-        xv = load_x(x_ptr, x2_ptr, rk, rk < K, HAS_X2)
+        xv = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
         if HAS_NORM:
             if not SPLIT:
                 ss += xv * xv
@@ -145,7 +131,7 @@ def _gemv_kernel(x_ptr, x2_ptr, w_ptr, u_ptr, nw_ptr, out_ptr, amax_ptr, aidx_pt
             if i == k_per_split - BLOCK_K:
                 pdl_prologue(USE_PDL)
         if EVEN:
-            xv = load_x(x_ptr, x2_ptr, rk, None, HAS_X2)
+            xv = tl.load(x_ptr + rk).to(tl.float32)
             if HAS_NORM:
                 if not SPLIT:
                     ss += xv * xv
@@ -155,7 +141,7 @@ def _gemv_kernel(x_ptr, x2_ptr, w_ptr, u_ptr, nw_ptr, out_ptr, amax_ptr, aidx_pt
                 u = tl.load(u_ptr + rn[:, None] * stride_w + rk[None, :])
         else:
             kmask = rk < K
-            xv = load_x(x_ptr, x2_ptr, rk, kmask, HAS_X2)
+            xv = tl.load(x_ptr + rk, mask=kmask, other=0.0).to(tl.float32)
             if HAS_NORM:
                 if not SPLIT:
                     ss += xv * xv
@@ -227,9 +213,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, norm_w: torch.T
          accumulate: bool = False, config: GemvConfig | None = None, pdl: bool = False,
          prefetch: bool = False, preload: bool | None = None, trigger: str = "end",
          argmax: tuple[torch.Tensor, torch.Tensor] | None = None, scale: torch.Tensor | None = None,
-         up_scale: torch.Tensor | None = None, x2: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [K] or [1, K]; w (and up): [N, K] contiguous; out: [N] (fp32 when accumulating). `x2` (fp32 [K]): the
-    input is x + x2 (the residual plus the pending output of a fused MLP, `backends.kernels.mlp`).
+         up_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [K] or [1, K]; w (and up): [N, K] contiguous; out: [N] (fp32 when accumulating).
 
     `scale` (and `up_scale` with `up`): fp32 [N] row scales of int8 weights `w` (and `up`), as
     `backends.quantize.quantize_rows` makes them; int8 weights need them.
@@ -261,17 +246,14 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, norm_w: torch.T
     if argmax is not None and (accumulate or split > 1 or argmax[0].numel() != grid[0]):  # advance_ reads them all
         raise ValueError("argmax needs a non-accumulating GEMV and one entry per row block")
     amax, aidx = argmax if argmax is not None else (out, out)
-    if x2 is not None and (x2.dtype != torch.float32 or x2.numel() != k):
-        raise ValueError(f"x2 must be fp32 [{k}]")
-    _gemv_kernel[grid](x, x2 if x2 is not None else x, w, up if up is not None else w,
-                       norm_w if norm_w is not None else x, out, amax, aidx,
+    _gemv_kernel[grid](x, w, up if up is not None else w, norm_w if norm_w is not None else x, out, amax, aidx,
                        scale if scaled else out, up_scale if up_scale is not None else out, n, k,
                        w.stride(0), eps, norm_offset, k_per_split,
                        BLOCK_N=config.block_n, BLOCK_K=config.block_k, HAS_NORM=norm_w is not None,
                        GATED=up is not None, ACT=ACTIVATIONS[act], ACCUMULATE=accumulate, EVEN=even,
                        SPLIT=grid[1] > 1, USE_PDL=pdl, PREFETCH=pdl and prefetch, k_prefetch=k_prefetch,
                        PRELOAD=preload, TRIGGER=TRIGGERS[trigger], ARGMAX=argmax is not None, SCALED=scaled,
-                       FAST_I8=scaled and fast_int8(w.device), HAS_X2=x2 is not None,
+                       FAST_I8=scaled and fast_int8(w.device),
                        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(pdl))
     return out
 
@@ -291,7 +273,7 @@ def launch_options(pdl: bool) -> dict:
 
 def gemv_torch(x, w, out, *, norm_w=None, eps=1e-6, norm_offset=0.0, up=None, act="silu", accumulate=False,
                config=None, pdl=False, prefetch=False, preload=None, trigger="end", scale=None, up_scale=None,
-               dtype=None, x2=None):
+               dtype=None):
     """The reference; int8 weights are dequantized to `dtype` (the activations' dtype) first."""
     from backends.kernels.activation import gated_torch
     from backends.kernels.norms import rmsnorm_torch
@@ -301,8 +283,6 @@ def gemv_torch(x, w, out, *, norm_w=None, eps=1e-6, norm_offset=0.0, up=None, ac
         w = dequantize_rows(w, scale, dtype)
         up = dequantize_rows(up, up_scale, dtype) if up is not None else None
     x = x.reshape(1, -1)
-    if x2 is not None:
-        x = x.float() + x2.reshape(1, -1)
     x = rmsnorm_torch(x, norm_w, eps, norm_offset, out_dtype=w.dtype) if norm_w is not None else x.to(w.dtype)
     y = torch.nn.functional.linear(x, w)
     if up is not None:

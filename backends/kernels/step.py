@@ -12,8 +12,8 @@ from backends.kernels.gemv import launch_options, pdl_prologue, pdl_wait
 
 
 @triton.jit
-def _embed_kernel(tok_ptr, emb_ptr, h_ptr, zero_ptr, n_zero, scale, hidden, stride_e, stride_h,
-                  BLOCK: tl.constexpr, USE_PDL: tl.constexpr, ZERO: tl.constexpr):
+def _embed_kernel(tok_ptr, emb_ptr, h_ptr, scale, hidden, stride_e, stride_h, BLOCK: tl.constexpr,
+                  USE_PDL: tl.constexpr):
     b = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     pdl_prologue(USE_PDL)
@@ -21,29 +21,17 @@ def _embed_kernel(tok_ptr, emb_ptr, h_ptr, zero_ptr, n_zero, scale, hidden, stri
     tok = tl.load(tok_ptr + b)
     row = tl.load(emb_ptr + tok * stride_e + cols, mask=cols < hidden, other=0.0).to(tl.float32)
     tl.store(h_ptr + b * stride_h + cols, row * scale, mask=cols < hidden)
-    if ZERO:  # an fp32 buffer to clear at the start of a step (the pending outputs of fused MLPs)
-        if b == 0:
-            for z0 in range(tl.program_id(1) * BLOCK, n_zero, tl.num_programs(1) * BLOCK):
-                z = z0 + tl.arange(0, BLOCK)
-                tl.store(zero_ptr + z, tl.zeros([BLOCK], tl.float32), mask=z < n_zero)
 
 
-def embed_(tokens: torch.Tensor, embed: torch.Tensor, h: torch.Tensor, scale: float, pdl: bool = False,
-           zero: torch.Tensor | None = None) -> None:
-    """h[b] = embed[tokens[b]] * scale (h: fp32 [B, hidden]); `zero`: a contiguous fp32 tensor also cleared."""
+def embed_(tokens: torch.Tensor, embed: torch.Tensor, h: torch.Tensor, scale: float, pdl: bool = False) -> None:
+    """h[b] = embed[tokens[b]] * scale (h: fp32 [B, hidden])."""
     b, hidden = h.shape
-    if zero is not None and (zero.dtype != torch.float32 or not zero.is_contiguous()):
-        raise ValueError("zero= must be a contiguous fp32 tensor")
-    _embed_kernel[(b, triton.cdiv(hidden, 1024))](tokens, embed, h, h if zero is None else zero,
-                                                  0 if zero is None else zero.numel(), scale, hidden,
-                                                  embed.stride(0), h.stride(0), BLOCK=1024, USE_PDL=pdl,
-                                                  ZERO=zero is not None, **launch_options(pdl))
+    _embed_kernel[(b, triton.cdiv(hidden, 1024))](tokens, embed, h, scale, hidden, embed.stride(0), h.stride(0),
+                                                  BLOCK=1024, USE_PDL=pdl, **launch_options(pdl))
 
 
-def embed_torch_(tokens, embed, h, scale, pdl=False, zero=None):
+def embed_torch_(tokens, embed, h, scale, pdl=False):
     h.copy_(embed.index_select(0, tokens).float() * scale)
-    if zero is not None:
-        zero.zero_()
 
 
 @triton.jit
