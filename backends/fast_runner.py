@@ -101,9 +101,7 @@ class FastRunner:
                 "layers": len(d.layers), "heads": [d.hq, d.hk, d.d], "mlp": d.layers[0].wg.shape[0],
                 "vocab": d.head.shape[0], "windows": sorted({layer.window for layer in d.layers}),
                 "dtype": str(d.dtype), "batch": d.shape[0], "chunks_p2": triton.next_power_of_2(d.attention.n_chunks),
-                "kernels": d.kernels, "pdl": d.pdl, "weights": d.weights,
-                "l2_prefetch": [d.l2_prefetch, d.l2_stripe, d.l2_programs],
-                "gpu": torch.cuda.get_device_name(self._device),
+                "kernels": d.kernels, "pdl": d.pdl, "weights": d.weights, "gpu": torch.cuda.get_device_name(self._device),
                 "capability": list(torch.cuda.get_device_capability(self._device)), "triton": triton.__version__,
                 "torch": torch.__version__, "portable": __version__, "kernel_sources": sources.hexdigest()[:16]}
 

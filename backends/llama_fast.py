@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from backends.kernels import activation, attention, fast_int8, gemv, norms, rope, step
+from backends.kernels import activation, attention, gemv, norms, rope, step
 from caches import PromptCache, SlidingWindowLayer
 from portable import architectures
 
@@ -106,10 +106,6 @@ class FastDecoder:
         # 128-row programs for the combine + output projection.
         self.oproj_block_n, self.oproj_warps, self.oproj_heads = 128, 4, 1
         self.attention_block_s, self.attention_warps = 32, 8
-        # batch 1: the attention kernel's extra programs bring the first `l2_prefetch` bytes of the gate/up weights
-        # into L2 (every `l2_stripe`-th GEMV program's rows) while attention and the output projection, which keep
-        # the memory mostly idle, run (attention.L2Prefetch)
-        self.l2_prefetch, self.l2_stripe, self.l2_programs = 0, 1, 128
         inner = model.model
         self.dtype = inner.embed_tokens.weight.dtype
         self.device = inner.embed_tokens.weight.device
@@ -180,15 +176,6 @@ class FastDecoder:
                                                  block_s=self.attention_block_s)
         self.attention.num_warps = self.attention_warps
         self.shape = (batch, slots)
-        self.prefetches = [self._prefetch_plan(layer) if self._fused() else None for layer in self.layers]
-
-    def _prefetch_plan(self, layer: Layer) -> attention.L2Prefetch | None:
-        (g, _), (u, _) = _weight(layer, "g"), _weight(layer, "u")
-        if not fast_int8(g.device):  # the prefetch is PTX
-            return None
-        config = self.gemv_configs.get("gate_up") or gemv.default_config(*g.shape, True, False, g.element_size())
-        return attention.L2Prefetch.plan(g, u, config.block_n, self.l2_prefetch, self.l2_stripe, self.l2_programs,
-                                         self.hk * self.attention.n_chunks)
 
     def load_cache(self, cache: PromptCache, max_new_tokens: int) -> None:
         """Copy a prompt cache (already on this device and dtype) into the static cache."""
@@ -247,8 +234,7 @@ class FastDecoder:
         if self.kernels == "triton":
             self.attention.rope_attention(self.qkv, self.positions, layer.inv_freq, layer.rope_scaling,
                                           self.k_cache[i], self.v_cache[i], self.start, self.slot, self.scale,
-                                          layer.window, layer.q_norm, layer.k_norm, self.eps, self.offset, self.pdl,
-                                          prefetch=self.prefetches[i])
+                                          layer.window, layer.q_norm, layer.k_norm, self.eps, self.offset, self.pdl)
             if combine:
                 self.attention.combine(self.o, self.pdl)
             return

@@ -56,11 +56,6 @@ VARIANTS = {
     "i2f dense tiles": {"_i2f": True, "_dense": True},
     "int8 gu w4": dict(gemv_configs={"gate_up": GemvConfig(8, 1024, 1, 4, 4, True)}),
     "int8 head w8": dict(gemv_configs={"head": GemvConfig(8, 1024, 1, 8, 4, True)}),
-    # the attention kernel's extra programs prefetch the start of the gate/up weights into L2 (attention.L2Prefetch)
-    "l2 off": dict(l2_prefetch=0),
-    **{f"l2 {mb}MB": dict(l2_prefetch=mb << 20) for mb in (8, 16, 24, 32, 40, 48)},
-    **{f"l2 {mb}MB s2": dict(l2_prefetch=mb << 20, l2_stripe=2) for mb in (16, 24, 32)},
-    **{f"l2 {mb}MB p{p}": dict(l2_prefetch=mb << 20, l2_programs=p) for mb in (24, 32) for p in (32, 256)},
 }
 
 

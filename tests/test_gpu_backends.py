@@ -287,25 +287,3 @@ def test_cuda_graph_decode_matches_eager_fast_path():
         picks.append(int(token))
     graphed.start(cache, 8)
     assert graphed.greedy_steps(first, 7)[0].tolist() == picks
-
-
-@pytest.mark.gpu
-def test_l2_prefetch_programs_change_no_result():
-    """The attention kernel's prefetching programs only touch L2: the step's logits and greedy picks stay the same."""
-    loaded = models.load(models.resolve("default"), "bf16", "cuda")
-    hf = HFRunner(loaded, "cuda", "bf16", torch.device("cuda"))
-    ids, mask = tokenize(hf.tokenizer, list(PROMPTS), 0)
-    cache = hf.prefill(ids, mask).select([0])
-    first = cache.next_token_logits.argmax(-1)
-    runs = []
-    for budget in (0, 1 << 30):
-        runner = FastRunner(loaded, "cuda", RunConfig(precision="bf16", kernels="triton"), torch.device("cuda"))
-        runner.decoder.l2_prefetch = budget
-        runner.start(cache, 8)
-        assert (runner.decoder.prefetches[0] is not None) == (budget > 0)
-        logits = runner.decode_step(first).clone()
-        runner.start(cache, 8)
-        runs.append((logits, runner.greedy_steps(first, 7)[0].tolist()))
-    (a, picks_a), (b, picks_b) = runs
-    assert float((a - b).norm() / a.norm()) < 1e-3
-    assert picks_a == picks_b

@@ -149,28 +149,6 @@ def test_rope_attention_matches_rope_then_attention(dtype, window, group, qk_nor
         attn1.combine_oproj_(q8, h4, block_n=16)
 
 
-@pytest.mark.parametrize("stripe", [1, 2, 3])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
-def test_l2_prefetch_plan_stays_inside_the_weights_and_the_budget(dtype, stripe):
-    """The pieces the attention kernel's extra programs prefetch: whole GEMV row blocks, every `stripe`-th one, both
-    weights together within the budget, never past a weight's last byte."""
-    g = torch.zeros(100, 192, dtype=dtype)  # 100 rows: 12 whole blocks of 8 and a partial one
-    u = torch.zeros_like(g)
-    row_block = 8 * 192 * g.element_size()
-    for budget in (2 * row_block, 7 * row_block, 1 << 30):
-        plan = attention.L2Prefetch.plan(g, u, 8, budget, stripe, programs=50, programs_per_row=16)
-        assert plan.a.dtype == torch.uint8 and plan.a.data_ptr() == g.data_ptr()
-        assert plan.rows == 4 and plan.lines == row_block // 128 and plan.stride == row_block * stripe
-        assert 2 * plan.pieces * plan.lines * 128 <= budget
-        last_byte = (plan.pieces - 1) * plan.stride + plan.lines * 128
-        assert last_byte <= 12 * row_block  # only whole blocks
-        if budget == 1 << 30:  # every stripe-th whole block
-            assert plan.pieces == -(-12 // stripe)
-    assert attention.L2Prefetch.plan(g, u, 8, 0) is None
-    assert attention.L2Prefetch.plan(g, u, 8, row_block) is None  # less than one block of each weight
-    assert attention.L2Prefetch.plan(g, u[:50], 8, 1 << 30) is None
-
-
 def test_embed_and_advance():
     emb = rand(50, 24, dtype=torch.bfloat16, seed=45)
     tokens = torch.tensor([3, 49], device=DEVICE)

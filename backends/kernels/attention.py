@@ -20,14 +20,13 @@ than these two launches with one slot in use (841.8 vs 840.4 us per Llama-3.2-1B
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from backends.kernels import fast_int8, interpreting
-from backends.kernels.gemv import launch_options, pdl_prologue, pdl_wait, prefetch_l2, widen
+from backends.kernels.gemv import launch_options, pdl_prologue, pdl_wait, widen
 
 
 def group_rows(group: int, use_dot: bool) -> int:
@@ -200,88 +199,65 @@ def _attend_new(q1, q2, k1, k2, v1, v2, m_i, l_i, acc1, acc2):
 
 
 @triton.jit
-def l2_prefetch_(pid, n_programs, a_ptr, b_ptr, pieces, lines, stride, LINES: tl.constexpr):
-    """Program `pid` of `n_programs` asks L2 for pieces pid, pid + n_programs, ... of two byte arrays: piece i is the
-    `lines` 128-byte lines at byte i * stride of `a_ptr` and of `b_ptr` (no registers written, nothing waited for)."""
-    line = tl.arange(0, LINES)
-    line = tl.where(line < lines, line, 0) * 128  # lanes past the piece repeat its first line
-    for i in range(pid, pieces, n_programs):
-        off = i.to(tl.int64) * stride + line
-        prefetch_l2(a_ptr + off)
-        prefetch_l2(b_ptr + off)
-
-
-@triton.jit
 def _rope_attn_partial_kernel(
         qkv_ptr, pos_ptr, inv_freq_ptr, rope_scaling, qn_ptr, kn_ptr, eps, norm_offset,
         kc_ptr, vc_ptr, start_ptr, slot_ptr, m_ptr, l_ptr, acc_ptr, window, scale,
         HQ, HK, stride_qkv, stride_cb, stride_ch, stride_cs, n_chunks,
         GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HALF: tl.constexpr, BLOCK_S: tl.constexpr,
         BLOCKS_PER_CHUNK: tl.constexpr, HAS_QK_NORM: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
-        USE_PDL: tl.constexpr, B, pf_a_ptr, pf_b_ptr, pf_pieces, pf_lines, pf_stride, PF_LINES: tl.constexpr,
-        PREFETCH: tl.constexpr):
+        USE_PDL: tl.constexpr):
     """Pass 1 with RoPE folded in. Program (b, kv head, chunk) rotates its query group itself (a few hundred
     values, cheaper than a launch); the program whose chunk holds the new slot also normalises and rotates the new
-    key, writes k and v into the cache and counts the new token from registers.
-
-    PREFETCH: the programs past the batch (program_id(0) >= B) do no attention: they ask L2 for the first weights of
-    the next GEMV (`l2_prefetch_`), which the memory system then streams while this latency-bound kernel and the
-    output projection run; they exit at once, so the kernel after them waits for nothing more."""
+    key, writes k and v into the cache and counts the new token from registers."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     chunk = tl.program_id(2)
-    if PREFETCH and b >= B:
-        pdl_prologue(USE_PDL)
-        pid = ((b - B) * tl.num_programs(1) + kvh) * tl.num_programs(2) + chunk
-        l2_prefetch_(pid, (tl.num_programs(0) - B) * tl.num_programs(1) * tl.num_programs(2), pf_a_ptr, pf_b_ptr,
-                     pf_pieces, pf_lines, pf_stride, PF_LINES)
-    else:
-        D: tl.constexpr = 2 * HALF
-        CHUNK: tl.constexpr = BLOCK_S * BLOCKS_PER_CHUNK
-        pdl_prologue(USE_PDL)
-        # Before waiting for the predecessor (the GEMV that writes qkv): everything that does not depend on it. The
-        # slot, positions and the cached keys and values were written one step or more ago, by kernels that completed
-        # before the predecessor passed its own wait (it lets us launch only after that, `gemv(trigger="end")`), so
-        # they are final; loading them here takes their memory latency off the dependent path.
-        g = tl.arange(0, GROUP_P2)
-        gmask = g < GROUP
-        i = tl.arange(0, HALF)
-        heads = kvh * GROUP + g
-        cur = tl.load(slot_ptr)
-        lo = tl.load(start_ptr + b)
-        if window > 0:
-            lo = tl.maximum(lo, cur - window + 1)
-        angle = tl.load(pos_ptr + b).to(tl.float32) * tl.load(inv_freq_ptr + i)
-        c = tl.cos(angle) * rope_scaling
-        s = tl.sin(angle) * rope_scaling
-        base = b * stride_cb + kvh * stride_ch
-        sl0 = chunk * CHUNK + tl.arange(0, BLOCK_S)
-        smask0 = (sl0 >= lo) & (sl0 < cur)  # the new slot is counted from registers below
-        k0a, k0b, v0a, v0b = _kv_block(kc_ptr, vc_ptr, base, sl0, smask0, stride_cs, HALF)
-        pdl_wait(USE_PDL)
-        row = qkv_ptr + b * stride_qkv
-        q1, q2 = _rope_query(row, heads, gmask, qn_ptr, eps, norm_offset, c, s, scale, kc_ptr, HAS_QK_NORM, HALF)
-        m_i = tl.full([GROUP_P2], float("-inf"), tl.float32)
-        l_i = tl.zeros([GROUP_P2], tl.float32)
-        acc1 = tl.zeros([GROUP_P2, HALF], tl.float32)
-        acc2 = tl.zeros([GROUP_P2, HALF], tl.float32)
-        for blk in tl.static_range(BLOCKS_PER_CHUNK):
-            if blk == 0:
-                smask, ka, kb, va, vb = smask0, k0a, k0b, v0a, v0b
-            else:
-                sl = chunk * CHUNK + blk * BLOCK_S + tl.arange(0, BLOCK_S)
-                smask = (sl >= lo) & (sl < cur)
-                ka, kb, va, vb = _kv_block(kc_ptr, vc_ptr, base, sl, smask, stride_cs, HALF)
-            m_i, l_i, acc1, acc2 = _attend_block(q1, q2, ka, kb, va, vb, smask, m_i, l_i, acc1, acc2, USE_DOT, IEEE)
-        if (cur >= chunk * CHUNK) & (cur < (chunk + 1) * CHUNK):
-            k1, k2, v1, v2 = _rope_new_kv(row, kvh, HQ, HK, kn_ptr, eps, norm_offset, c, s, kc_ptr, HAS_QK_NORM, HALF)
-            _store_new_kv(kc_ptr, vc_ptr, base + cur * stride_cs, k1, k2, v1, v2, HALF)
-            m_i, l_i, acc1, acc2 = _attend_new(q1, q2, k1, k2, v1, v2, m_i, l_i, acc1, acc2)
-        out = (b * HQ + heads) * n_chunks + chunk
-        tl.store(m_ptr + out, m_i, mask=gmask)
-        tl.store(l_ptr + out, l_i, mask=gmask)
-        tl.store(acc_ptr + out[:, None] * D + i[None, :], acc1, mask=gmask[:, None])
-        tl.store(acc_ptr + out[:, None] * D + HALF + i[None, :], acc2, mask=gmask[:, None])
+    D: tl.constexpr = 2 * HALF
+    CHUNK: tl.constexpr = BLOCK_S * BLOCKS_PER_CHUNK
+    pdl_prologue(USE_PDL)
+    # Before waiting for the predecessor (the GEMV that writes qkv): everything that does not depend on it. The slot,
+    # positions and the cached keys and values were written one step or more ago, by kernels that completed before
+    # the predecessor passed its own wait (it lets us launch only after that, `gemv(trigger="end")`), so they are
+    # final; loading them here takes their memory latency off the dependent path.
+    g = tl.arange(0, GROUP_P2)
+    gmask = g < GROUP
+    i = tl.arange(0, HALF)
+    heads = kvh * GROUP + g
+    cur = tl.load(slot_ptr)
+    lo = tl.load(start_ptr + b)
+    if window > 0:
+        lo = tl.maximum(lo, cur - window + 1)
+    angle = tl.load(pos_ptr + b).to(tl.float32) * tl.load(inv_freq_ptr + i)
+    c = tl.cos(angle) * rope_scaling
+    s = tl.sin(angle) * rope_scaling
+    base = b * stride_cb + kvh * stride_ch
+    sl0 = chunk * CHUNK + tl.arange(0, BLOCK_S)
+    smask0 = (sl0 >= lo) & (sl0 < cur)  # the new slot is counted from registers below
+    k0a, k0b, v0a, v0b = _kv_block(kc_ptr, vc_ptr, base, sl0, smask0, stride_cs, HALF)
+    pdl_wait(USE_PDL)
+    row = qkv_ptr + b * stride_qkv
+    q1, q2 = _rope_query(row, heads, gmask, qn_ptr, eps, norm_offset, c, s, scale, kc_ptr, HAS_QK_NORM, HALF)
+    m_i = tl.full([GROUP_P2], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_P2], tl.float32)
+    acc1 = tl.zeros([GROUP_P2, HALF], tl.float32)
+    acc2 = tl.zeros([GROUP_P2, HALF], tl.float32)
+    for blk in tl.static_range(BLOCKS_PER_CHUNK):
+        if blk == 0:
+            smask, ka, kb, va, vb = smask0, k0a, k0b, v0a, v0b
+        else:
+            sl = chunk * CHUNK + blk * BLOCK_S + tl.arange(0, BLOCK_S)
+            smask = (sl >= lo) & (sl < cur)
+            ka, kb, va, vb = _kv_block(kc_ptr, vc_ptr, base, sl, smask, stride_cs, HALF)
+        m_i, l_i, acc1, acc2 = _attend_block(q1, q2, ka, kb, va, vb, smask, m_i, l_i, acc1, acc2, USE_DOT, IEEE)
+    if (cur >= chunk * CHUNK) & (cur < (chunk + 1) * CHUNK):
+        k1, k2, v1, v2 = _rope_new_kv(row, kvh, HQ, HK, kn_ptr, eps, norm_offset, c, s, kc_ptr, HAS_QK_NORM, HALF)
+        _store_new_kv(kc_ptr, vc_ptr, base + cur * stride_cs, k1, k2, v1, v2, HALF)
+        m_i, l_i, acc1, acc2 = _attend_new(q1, q2, k1, k2, v1, v2, m_i, l_i, acc1, acc2)
+    out = (b * HQ + heads) * n_chunks + chunk
+    tl.store(m_ptr + out, m_i, mask=gmask)
+    tl.store(l_ptr + out, l_i, mask=gmask)
+    tl.store(acc_ptr + out[:, None] * D + i[None, :], acc1, mask=gmask[:, None])
+    tl.store(acc_ptr + out[:, None] * D + HALF + i[None, :], acc2, mask=gmask[:, None])
 
 
 @triton.jit
@@ -319,33 +295,6 @@ def _combine_oproj_kernel(m_ptr, l_ptr, acc_ptr, w_ptr, ws_ptr, o_like_ptr, h_pt
     tl.atomic_add(h_ptr + rn, y, mask=rn < N)
 
 
-@dataclass(frozen=True)
-class L2Prefetch:
-    """What the attention kernel's extra programs ask L2 for: `pieces` pieces of `lines` 128-byte lines, `stride`
-    bytes apart, from the start of each of two weights (`a`, `b`: byte views), by `rows` extra rows of programs."""
-    a: torch.Tensor
-    b: torch.Tensor
-    pieces: int
-    lines: int
-    stride: int
-    rows: int
-
-    @classmethod
-    def plan(cls, a: torch.Tensor, b: torch.Tensor, block_rows: int, budget: int, stripe: int = 1,
-             programs: int = 128, programs_per_row: int = 1) -> "L2Prefetch | None":
-        """The first `budget` bytes (both weights together) in pieces of `block_rows` rows, the rows one GEMV
-        program reads, taking every `stripe`-th piece; about `programs` programs in rows of `programs_per_row`.
-        None when nothing would be prefetched. The prefetch is PTX: compiled kernels on NVIDIA only (`fast_int8`)."""
-        if budget <= 0 or a.shape != b.shape or not a.is_contiguous() or not b.is_contiguous():
-            return None
-        piece = block_rows * a.shape[1] * a.element_size()
-        pieces = min(triton.cdiv(a.shape[0] // block_rows, stripe), budget // (2 * piece))
-        if pieces == 0 or piece < 128:
-            return None
-        return cls(a.view(torch.uint8), b.view(torch.uint8), pieces, piece // 128, piece * stripe,
-                   max(1, triton.cdiv(programs, programs_per_row)))
-
-
 class RopeAttention(DecodeAttention):
     """RoPE + cache write + attention in two launches (`rope_attention`), and for batch 1 optionally the output
     projection folded into the second (`rope_attention_oproj_`)."""
@@ -353,22 +302,16 @@ class RopeAttention(DecodeAttention):
     num_warps = 4
 
     def rope_attention(self, qkv, positions, inv_freq, rope_scaling, k_cache, v_cache, start, slot, scale, window,
-                       q_norm, k_norm, eps, norm_offset, pdl=False, prefetch: L2Prefetch | None = None):
-        """`prefetch`: extra programs that bring the start of the next GEMV's weights into L2 (compiled kernels on
-        NVIDIA only; `L2Prefetch.plan`)."""
+                       q_norm, k_norm, eps, norm_offset, pdl=False):
         b, hq, hk, d = self.shape
         has_norm = q_norm is not None
-        pf = prefetch
-        _rope_attn_partial_kernel[(b + (pf.rows if pf else 0), hk, self.n_chunks)](
+        _rope_attn_partial_kernel[(b, hk, self.n_chunks)](
             qkv, positions, inv_freq, rope_scaling, q_norm if has_norm else qkv, k_norm if has_norm else qkv, eps,
             norm_offset, k_cache, v_cache, start, slot, self.m, self.l, self.acc, window, scale, hq, hk,
             qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), self.n_chunks,
             GROUP=self.group, GROUP_P2=self.group_p2, HALF=d // 2, BLOCK_S=self.block_s,
             BLOCKS_PER_CHUNK=self.blocks_per_chunk, HAS_QK_NORM=has_norm, USE_DOT=self.use_dot,
-            IEEE=k_cache.dtype == torch.float32, USE_PDL=pdl, B=b, pf_a_ptr=pf.a if pf else qkv,
-            pf_b_ptr=pf.b if pf else qkv, pf_pieces=pf.pieces if pf else 0, pf_lines=pf.lines if pf else 1,
-            pf_stride=pf.stride if pf else 0, PF_LINES=triton.next_power_of_2(pf.lines) if pf else 1,
-            PREFETCH=pf is not None, num_warps=self.num_warps, **launch_options(pdl))
+            IEEE=k_cache.dtype == torch.float32, USE_PDL=pdl, num_warps=self.num_warps, **launch_options(pdl))
 
     def combine(self, out, pdl=False):
         b, hq, _, d = self.shape
