@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 STEPS = 8
+METHODS = ("aoti", "compile-cache")
 
 
 def _sync(device):
@@ -189,7 +190,7 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--methods", default="aoti,compile-cache")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per phase")
     parser.add_argument("--phase", choices=["build", "load"], help=argparse.SUPPRESS)
@@ -198,6 +199,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.phase:
         return child(args)
+    unknown = sorted(set(args.methods.split(",")) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
     import torch
     import transformers
 
