@@ -340,7 +340,8 @@ def export(model, opset: int = OPSET):
 
 def _example_cache(model, batch: int, past: int, **kwargs) -> list:
     """Real cache tensors for `past` positions (so every layer's shapes come from the model, not from its config)."""
-    ids = torch.arange(3, 3 + batch * past).view(batch, past) % model.config.get_text_config().vocab_size
+    ids = torch.arange(3, 3 + batch * past, device=model.device).view(batch, past) % \
+        model.config.get_text_config().vocab_size
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True, **kwargs)
     return hf_caches.from_hf(architectures.output_cache(out))

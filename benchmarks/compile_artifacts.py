@@ -51,19 +51,15 @@ def _graph(args):
     from transformers import DynamicCache
 
     from backends import onnx_export
-    from caches import hf as hf_caches
     from portable import architectures, models
 
     loaded = models.load(models.resolve(args.model), precision=args.precision, device=args.device)
     model = loaded.model.eval()
     model.set_attn_implementation(onnx_export.ATTENTION)  # SDPA, registered so that torch.export can take it
-    device = torch.device(args.device)
-    ids = (torch.arange(6, device=device).repeat(2, 1) * 7 + 3) % model.config.get_text_config().vocab_size
-    with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True,
-                    **{architectures.cache_keyword(model): DynamicCache(config=model.config)})
-    pasts = [(layer.keys, layer.values) for layer in hf_caches.from_hf(architectures.output_cache(out))]
-    return onnx_export.DecoderGraph(model, onnx_export.layer_plan(model.config)), device, pasts
+    layers = onnx_export._example_cache(model, 2, 6,
+                                        **{architectures.cache_keyword(model): DynamicCache(config=model.config)})
+    return (onnx_export.DecoderGraph(model, onnx_export.layer_plan(model.config)), torch.device(args.device),
+            [(layer.keys, layer.values) for layer in layers])
 
 
 def _inputs(token, pasts, device):
