@@ -78,8 +78,6 @@ class FastRunner:
     def start(self, cache: PromptCache, max_new_tokens: int) -> None:
         self.decoder.load_cache(cache, max_new_tokens)
         self._slot = cache.seen_tokens  # the slot the next step writes (the decoder's `slot`, known on the host)
-        step = self.decoder.persistent_step
-        self.info.details["persistent"] = step.describe() if step is not None else False
         if self.graphs and self._graph_shape != self.decoder.shape:
             if self._graph_shape is None:
                 self._capture_with_artifact()
@@ -105,8 +103,7 @@ class FastRunner:
                 "dtype": str(d.dtype), "batch": d.shape[0], "chunks_p2": triton.next_power_of_2(d.attention.n_chunks),
                 "kernels": d.kernels, "pdl": d.pdl, "weights": d.weights, "gpu": torch.cuda.get_device_name(self._device),
                 "capability": list(torch.cuda.get_device_capability(self._device)), "triton": triton.__version__,
-                "torch": torch.__version__, "portable": __version__, "kernel_sources": sources.hexdigest()[:16],
-                "persistent": d.persistent_step.describe() if d.persistent_step is not None else None}
+                "torch": torch.__version__, "portable": __version__, "kernel_sources": sources.hexdigest()[:16]}
 
     def _capture_with_artifact(self) -> None:
         """First capture in this process: compile the kernels into a fresh Triton cache and save them as an artifact,
@@ -216,8 +213,6 @@ class FastRunner:
 
     def synchronize(self) -> None:
         self.hf.synchronize()
-        if self.decoder.persistent_step is not None:
-            self.decoder.persistent_step.check()
 
     def reset_peak_memory(self) -> None:
         self.hf.reset_peak_memory()

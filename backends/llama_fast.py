@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from backends.kernels import activation, attention, gemv, norms, persistent, rope, step
+from backends.kernels import activation, attention, gemv, norms, rope, step
 from caches import PromptCache, SlidingWindowLayer
 from portable import architectures
 
@@ -105,11 +105,6 @@ class FastDecoder:
         # Measured on an H100 (benchmarks/gpu_profile.py): 32-slot blocks with 8 warps for pass 1 of the attention,
         # 128-row programs for the combine + output projection.
         self.oproj_block_n, self.oproj_warps, self.oproj_heads = 128, 4, 1
-        # The whole batch-1 step as one persistent kernel (backends/kernels/persistent.py): None = where it applies
-        # (compiled, NVIDIA), True = wherever it covers the model (the interpreter too: tests), False = never.
-        self.persistent: bool | None = None
-        self.persistent_options: dict = {}
-        self.persistent_step = None
         self.attention_block_s, self.attention_warps = 32, 8
         inner = model.model
         self.dtype = inner.embed_tokens.weight.dtype
@@ -181,17 +176,6 @@ class FastDecoder:
                                                  block_s=self.attention_block_s)
         self.attention.num_warps = self.attention_warps
         self.shape = (batch, slots)
-        self.persistent_step = None
-        if batch == 1 and self._use_persistent():
-            self.persistent_step = persistent.PersistentStep(self, **self.persistent_options)
-
-    def _use_persistent(self) -> bool:
-        if self.persistent is False or persistent.unsupported(self):
-            return False
-        if self.persistent:
-            return True
-        from backends.kernels import interpreting
-        return self.device.type == "cuda" and torch.version.hip is None and not interpreting()
 
     def load_cache(self, cache: PromptCache, max_new_tokens: int) -> None:
         """Copy a prompt cache (already on this device and dtype) into the static cache."""
@@ -219,9 +203,6 @@ class FastDecoder:
         `greedy`: the step also picks the argmax of the logits (the first maximal id, as `Sampler.pick_on_device`),
         writes it to `self.tokens` as the next step's input and to `self.history[:, slot]`, so that consecutive
         greedy steps (one CUDA graph each) need nothing from the host between them."""
-        if self.persistent_step is not None:
-            self.persistent_step.launch(greedy)
-            return self.logits
         triton_ = self.kernels == "triton"
         (step.embed_ if triton_ else step.embed_torch_)(self.tokens, self.embed, self.h, self.embed_scale, self.pdl)
         if self._fused():
