@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from backends.kernels import activation, attention, gemv, norms, rope, step
+from backends.kernels import activation, attention, gemv, norms, rope, step, stream_gemv
 from caches import PromptCache, SlidingWindowLayer
 from portable import architectures
 
@@ -102,6 +102,14 @@ class FastDecoder:
         self.trigger = "end"  # when a GEMV lets its successor launch: "last" (last tile), "end" ("start" is unsafe:
         # the attention kernel loads the cache before its wait, relying on the GEMV before it having passed its own)
         self.gemv_configs: dict[str, gemv.GemvConfig] = {}  # per kind (qkv, gate_up, down, head); default_config else
+        # "stream": the 2-byte-weight GEMVs through `stream_gemv` (bulk copies into shared memory, NVIDIA sm_90+)
+        # where it takes their shape; "triton": `gemv.gemv` everywhere
+        self.gemv_impl = "triton"
+        self.stream_chunk_bytes, self.stream_ring_bytes = stream_gemv.CHUNK_BYTES, stream_gemv.RING_BYTES
+        self.stream_early = False  # stream GEMVs followed by one let it launch at their start (see stream_gemv)
+        # "fused": the attention's combine folded into the W_o product (one Triton kernel); "stream": a combine
+        # kernel, then W_o through `stream_gemv` (its weights then stream while the attention runs)
+        self.oproj_impl = "fused"
         # Measured on an H100 (benchmarks/gpu_profile.py): 32-slot blocks with 8 warps for pass 1 of the attention,
         # 128-row programs for the combine + output projection.
         self.oproj_block_n, self.oproj_warps, self.oproj_heads = 128, 4, 1
@@ -168,8 +176,9 @@ class FastDecoder:
         self.tmp = torch.zeros(batch, hidden, dtype=dt, device=dev)
         self.logits = torch.zeros(batch, self.head.shape[0], dtype=torch.float32, device=dev)
         self.history = torch.zeros(batch, slots, dtype=torch.long, device=dev)  # greedy picks, by the slot they feed
-        blocks = gemv.argmax_blocks(*self.head.shape, self.gemv_configs.get("head"),
-                                    itemsize=1 if self.head_int8 else self.head.element_size())
+        head_plan = self._stream_plan(self.head, gated=False)
+        blocks = head_plan.grid if head_plan else gemv.argmax_blocks(
+            *self.head.shape, self.gemv_configs.get("head"), itemsize=1 if self.head_int8 else self.head.element_size())
         self.amax = torch.zeros(blocks, dtype=torch.float32, device=dev)
         self.aidx = torch.zeros(blocks, dtype=torch.int32, device=dev)
         self.attention = attention.RopeAttention(batch, self.hq, self.hk, self.d, slots, dev,
@@ -244,35 +253,54 @@ class FastDecoder:
         attention.decode_attention_torch(self.q, self.k_cache[i], self.v_cache[i], self.start, self.slot, self.scale,
                                          layer.window, out=self.o)
 
+    def _stream_plan(self, w: torch.Tensor, gated: bool) -> stream_gemv.Plan | None:
+        """The work split `stream_gemv` would use for weight `w`, or None where the Triton GEMV runs it."""
+        if (self.gemv_impl != "stream" or self.kernels != "triton" or self.weights != "native"
+                or w.dtype not in (torch.bfloat16, torch.float16)):
+            return None
+        return stream_gemv.plan(*w.shape, gated, stream_gemv.sms(w.device), self.stream_chunk_bytes,
+                                self.stream_ring_bytes)
+
+    def _gemv(self, x, w, out, s=None, *, config=None, up=None, us=None, early=False, **kw) -> None:
+        """One batch-1 GEMV (the arguments of `gemv.gemv`), through `stream_gemv` where it applies. `early`: the
+        next kernel reads nothing but weights before its wait (`stream_gemv(early=...)`)."""
+        if s is None and self._stream_plan(w, up is not None) is not None:
+            stream_gemv.stream_gemv(x, w, out, up=up, pdl=self.pdl, early=early and self.stream_early,
+                                    chunk_bytes=self.stream_chunk_bytes, ring_bytes=self.stream_ring_bytes, **kw)
+        else:
+            gemv.gemv(x, w, out, config=config, scale=s, up=up, up_scale=us, prefetch=self.prefetch,
+                      preload=self.preload, trigger=self.trigger, pdl=self.pdl, **kw)
+
     def _layers_gemv(self, greedy: bool = False) -> None:
         rmsnorm_add = norms.rmsnorm_add_
         h, o, eps, off = self.h[0], self.o.view(-1), self.eps, self.offset
-        pdl = {"pdl": self.pdl, "prefetch": self.prefetch, "preload": self.preload, "trigger": self.trigger}
         cfg = self.gemv_configs
         for i, layer in enumerate(self.layers):
             w, s = _weight(layer, "qkv")
-            gemv.gemv(h, w, self.qkv[0], norm_w=layer.ln1, eps=eps, norm_offset=off, config=cfg.get("qkv"), scale=s,
-                      **pdl)
-            self._attend(i, layer, combine=self.gemma)
+            self._gemv(h, w, self.qkv[0], s, norm_w=layer.ln1, eps=eps, norm_offset=off, config=cfg.get("qkv"))
             w, s = _weight(layer, "o")
+            stream_o = self.oproj_impl == "stream" and s is None and self._stream_plan(w, gated=False) is not None
+            self._attend(i, layer, combine=self.gemma or stream_o)
             if self.gemma:
-                gemv.gemv(o, w, self.tmp[0], scale=s, **pdl)
+                self._gemv(o, w, self.tmp[0], s)
                 rmsnorm_add(self.tmp, self.h, layer.post_attn, eps, off)
+            elif stream_o:
+                self._gemv(o, w, h, accumulate=True, early=True)
             else:
                 self.attention.combine_oproj_(w, h, self.pdl, self.oproj_block_n, self.oproj_warps,
                                               self.oproj_heads, scale=s, o_like=self.o)
             (w, s), (u, us) = _weight(layer, "g"), _weight(layer, "u")
-            gemv.gemv(h, w, self.mlp[0], norm_w=layer.ln2, eps=eps, norm_offset=off, up=u, act=self.act,
-                      config=cfg.get("gate_up"), scale=s, up_scale=us, **pdl)
+            self._gemv(h, w, self.mlp[0], s, norm_w=layer.ln2, eps=eps, norm_offset=off, up=u, us=us, act=self.act,
+                       config=cfg.get("gate_up"), early=True)
             w, s = _weight(layer, "d")
             if self.gemma:
-                gemv.gemv(self.mlp[0], w, self.tmp[0], scale=s, **pdl)
+                self._gemv(self.mlp[0], w, self.tmp[0], s)
                 rmsnorm_add(self.tmp, self.h, layer.post_ff, eps, off)
             else:
-                gemv.gemv(self.mlp[0], w, h, accumulate=True, config=cfg.get("down"), scale=s, **pdl)
+                self._gemv(self.mlp[0], w, h, s, accumulate=True, config=cfg.get("down"), early=True)
         w, s = self.head_int8 or (self.head, None)
-        gemv.gemv(h, w, self.logits[0], norm_w=self.final_norm, eps=eps, norm_offset=off, config=cfg.get("head"),
-                  argmax=(self.amax, self.aidx) if greedy else None, scale=s, **pdl)
+        self._gemv(h, w, self.logits[0], s, norm_w=self.final_norm, eps=eps, norm_offset=off, config=cfg.get("head"),
+                   argmax=(self.amax, self.aidx) if greedy else None, early=True)
 
     def _layers_matmul(self) -> None:
         rmsnorm, rmsnorm_add, gated = self._k()

@@ -4,6 +4,8 @@ programmatic dependent launch as the decode step does, against cuBLAS
 (F.linear) on the same weights and the device's copy bandwidth.
 
     python benchmarks/gemv_tune.py llama-3.2-1b qwen3-1.7b --out tune.json
+    python benchmarks/gemv_tune.py llama-3.2-1b qwen3-1.7b --stream --out stream.json   # the bulk-copy GEMV
+                                                     # (stream_gemv.cu) per chunk/ring size, vs the default config
 
 Prints the best config per shape and its share of the copy bandwidth; writes every measurement as JSON.
 """
@@ -134,16 +136,52 @@ def tune(name: str, dtype=torch.bfloat16) -> list[dict]:
     return rows
 
 
+def tune_stream(name: str, dtype=torch.bfloat16) -> list[dict]:
+    """The bulk-copy GEMV at each shape for a few chunk and ring sizes, beside the Triton GEMV's default config."""
+    from backends.kernels import stream_gemv
+
+    rows = []
+    for shape in shapes(name):
+        n, k, count = shape["n"], shape["k"], shape["count"]
+        ws = [torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5 for _ in range(count)]
+        us = [torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5 for _ in range(count)] if shape["gated"] else None
+        x = torch.randn(k, device="cuda") if not shape["acc"] else torch.randn(k, device="cuda").to(dtype)
+        nw = torch.randn(k, device="cuda", dtype=dtype) if shape["norm"] else None
+        out = torch.zeros(n, device="cuda", dtype=torch.float32 if shape["acc"] else dtype)
+        nbytes = sum(w.numel() * w.element_size() for w in ws) * (2 if us else 1)
+
+        def triton_default():
+            for j, w in enumerate(ws):
+                gemv(x, w, out, norm_w=nw, up=us[j] if us else None, accumulate=shape["acc"], pdl=True)
+        t = graph_time(triton_default)
+        line = [f"triton {nbytes / t / 1e9:6.0f}"]
+        rows.append({"model": name, **shape, "impl": "triton default", "seconds": t, "GBps": nbytes / t / 1e9})
+        for chunk, ring in itertools.product((8192, 16384, 32768), (64 * 1024, 96 * 1024, 144 * 1024)):
+            def ours(chunk=chunk, ring=ring):
+                for j, w in enumerate(ws):
+                    stream_gemv.stream_gemv(x, w, out, norm_w=nw, up=us[j] if us else None, accumulate=shape["acc"],
+                                            pdl=True, chunk_bytes=chunk, ring_bytes=ring)
+            t = graph_time(ours)
+            rows.append({"model": name, **shape, "impl": "stream", "chunk": chunk, "ring": ring, "seconds": t,
+                         "GBps": nbytes / t / 1e9})
+            line.append(f"{chunk // 1024}k/{ring // 1024}k {nbytes / t / 1e9:6.0f}")
+        print(f"{name} {shape['name']:8s} n={n:6d} k={k:5d} x{count} GB/s: " + "  ".join(line), flush=True)
+        del ws, us
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("models", nargs="+")
     parser.add_argument("--out", type=Path, default=Path("gemv_tune.json"))
+    parser.add_argument("--stream", action="store_true", help="the bulk-copy GEMV instead of the Triton sweep")
     args = parser.parse_args()
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
     rows = []
     for name in args.models:
-        rows.extend(tune(name))
+        rows.extend(tune_stream(name) if args.stream else tune(name))
     args.out.write_text(json.dumps({"copy_GBps": bw, "rows": rows}, indent=1))
 
 

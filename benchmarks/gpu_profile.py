@@ -54,9 +54,36 @@ VARIANTS = {
     # with --int8: widen int8 with the int-to-float unit (cvt) rather than gemv.widen's byte permutes
     "i2f": {"_i2f": True},
     "i2f dense tiles": {"_i2f": True, "_dense": True},
+    # the GEMVs through backends/kernels/stream_gemv.cu (bulk copies into shared memory, a producer warp)
+    "stream": dict(gemv_impl="stream"),
+    "stream ring64": dict(gemv_impl="stream", stream_ring_bytes=64 * 1024),
+    "stream ring144": dict(gemv_impl="stream", stream_ring_bytes=144 * 1024),
+    "stream ring200": dict(gemv_impl="stream", stream_ring_bytes=200 * 1024),
+    "stream chunk8k": dict(gemv_impl="stream", stream_chunk_bytes=8 * 1024),
+    "stream chunk32k": dict(gemv_impl="stream", stream_chunk_bytes=32 * 1024),
     "int8 gu w4": dict(gemv_configs={"gate_up": GemvConfig(8, 1024, 1, 4, 4, True)}),
     "int8 head w8": dict(gemv_configs={"head": GemvConfig(8, 1024, 1, 8, 4, True)}),
 }
+
+
+def variant_knobs(variant: str) -> dict:
+    """A variant's decoder knobs: from VARIANTS, or "stream [ringN] [chunkM] [oproj] [early]" (sizes in KiB; oproj:
+    W_o through the stream GEMV too; early: stream GEMVs let the next weights-only kernel launch at their start)."""
+    if variant in VARIANTS:
+        return dict(VARIANTS[variant])
+    words = variant.split()
+    if words and words[0] == "stream":
+        knobs = {"gemv_impl": "stream"}
+        for word in words[1:]:
+            if word == "oproj":
+                knobs["oproj_impl"] = "stream"
+            elif word == "early":
+                knobs["stream_early"] = True
+            for prefix, knob in (("ring", "stream_ring_bytes"), ("chunk", "stream_chunk_bytes")):
+                if word.startswith(prefix):
+                    knobs[knob] = int(word[len(prefix):].rstrip("k")) * 1024
+        return knobs
+    raise SystemExit(f"unknown variant {variant!r}")
 
 
 def dense_tiles(decoder) -> dict:
@@ -140,10 +167,9 @@ def main() -> None:
         ids = torch.randint(10, 1000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
         cache = hf.prefill(ids, torch.ones_like(ids))
         for variant in args.variants.split(","):
-            v = VARIANTS[variant]
+            v = variant_knobs(variant)
             runner = FastRunner(loaded, backend="cuda", config=RunConfig(kernels="triton"), device=torch.device("cuda"),
                                 int8=int8)
-            v = dict(v)
             if v.pop("_dense", False):
                 v.update(dense_tiles(runner.decoder))
             widen_i2f(v.pop("_i2f", False))
