@@ -61,7 +61,8 @@ class FastRunner:
         self._slot = 0
         self.info = self.hf.info
         self.info.details = {"path": "fast", "kernels": config.kernels, "cuda_graph": self.graphs,
-                             "pdl": self.decoder.pdl, "attn": "portable decode attention",
+                             "pdl": self.decoder.pdl, "gemv": self.decoder.gemv_impl,
+                             "attn": "portable decode attention",
                              "weights": self.decoder.weights}
 
     @property
@@ -95,13 +96,15 @@ class FastRunner:
 
         d, c = self.decoder, self.config
         sources = hashlib.sha256()
-        for path in sorted([*Path(__file__).parent.glob("kernels/*.py"), *Path(__file__).parent.glob("kernels/*.cu")]):
+        kernels = Path(__file__).parent / "kernels"
+        for path in sorted([*kernels.glob("*.py"), *kernels.glob("*.cu")]):
             sources.update(path.read_bytes())
         return {"kind": "llama-fast-decode", "model_type": c.model_type, "hidden": c.hidden_size,
                 "layers": len(d.layers), "heads": [d.hq, d.hk, d.d], "mlp": d.layers[0].wg.shape[0],
                 "vocab": d.head.shape[0], "windows": sorted({layer.window for layer in d.layers}),
                 "dtype": str(d.dtype), "batch": d.shape[0], "chunks_p2": triton.next_power_of_2(d.attention.n_chunks),
-                "kernels": d.kernels, "gemv": d.gemv_impl, "pdl": d.pdl, "weights": d.weights, "gpu": torch.cuda.get_device_name(self._device),
+                "kernels": d.kernels, "gemv": d.gemv_impl, "pdl": d.pdl, "weights": d.weights,
+                "gpu": torch.cuda.get_device_name(self._device),
                 "capability": list(torch.cuda.get_device_capability(self._device)), "triton": triton.__version__,
                 "torch": torch.__version__, "portable": __version__, "kernel_sources": sources.hexdigest()[:16]}
 

@@ -102,14 +102,11 @@ class FastDecoder:
         self.trigger = "end"  # when a GEMV lets its successor launch: "last" (last tile), "end" ("start" is unsafe:
         # the attention kernel loads the cache before its wait, relying on the GEMV before it having passed its own)
         self.gemv_configs: dict[str, gemv.GemvConfig] = {}  # per kind (qkv, gate_up, down, head); default_config else
-        # "stream": the 2-byte-weight GEMVs through `stream_gemv` (bulk copies into shared memory, NVIDIA sm_90+)
-        # where it takes their shape; "triton": `gemv.gemv` everywhere
-        self.gemv_impl = "triton"
+        # "stream": the 2-byte-weight GEMVs through `stream_gemv` (bulk copies into shared memory) where it takes
+        # their shape, the default on NVIDIA sm_90+ GPUs (H200: 10-12% off the step; BENCHMARKS.md); "triton":
+        # `gemv.gemv` everywhere
+        self.gemv_impl = "stream" if kernels == "triton" and stream_gemv.available(self.device) is None else "triton"
         self.stream_chunk_bytes, self.stream_ring_bytes = stream_gemv.CHUNK_BYTES, stream_gemv.RING_BYTES
-        self.stream_early = False  # stream GEMVs followed by one let it launch at their start (see stream_gemv)
-        # "fused": the attention's combine folded into the W_o product (one Triton kernel); "stream": a combine
-        # kernel, then W_o through `stream_gemv` (its weights then stream while the attention runs)
-        self.oproj_impl = "fused"
         # Measured on an H100 (benchmarks/gpu_profile.py): 32-slot blocks with 8 warps for pass 1 of the attention,
         # 128-row programs for the combine + output projection.
         self.oproj_block_n, self.oproj_warps, self.oproj_heads = 128, 4, 1
@@ -261,12 +258,11 @@ class FastDecoder:
         return stream_gemv.plan(*w.shape, gated, stream_gemv.sms(w.device), self.stream_chunk_bytes,
                                 self.stream_ring_bytes)
 
-    def _gemv(self, x, w, out, s=None, *, config=None, up=None, us=None, early=False, **kw) -> None:
-        """One batch-1 GEMV (the arguments of `gemv.gemv`), through `stream_gemv` where it applies. `early`: the
-        next kernel reads nothing but weights before its wait (`stream_gemv(early=...)`)."""
+    def _gemv(self, x, w, out, s=None, *, config=None, up=None, us=None, **kw) -> None:
+        """One batch-1 GEMV (the arguments of `gemv.gemv`), through `stream_gemv` where it applies."""
         if s is None and self._stream_plan(w, up is not None) is not None:
-            stream_gemv.stream_gemv(x, w, out, up=up, pdl=self.pdl, early=early and self.stream_early,
-                                    chunk_bytes=self.stream_chunk_bytes, ring_bytes=self.stream_ring_bytes, **kw)
+            stream_gemv.stream_gemv(x, w, out, up=up, pdl=self.pdl, chunk_bytes=self.stream_chunk_bytes,
+                                    ring_bytes=self.stream_ring_bytes, **kw)
         else:
             gemv.gemv(x, w, out, config=config, scale=s, up=up, up_scale=us, prefetch=self.prefetch,
                       preload=self.preload, trigger=self.trigger, pdl=self.pdl, **kw)
@@ -278,29 +274,26 @@ class FastDecoder:
         for i, layer in enumerate(self.layers):
             w, s = _weight(layer, "qkv")
             self._gemv(h, w, self.qkv[0], s, norm_w=layer.ln1, eps=eps, norm_offset=off, config=cfg.get("qkv"))
+            self._attend(i, layer, combine=self.gemma)
             w, s = _weight(layer, "o")
-            stream_o = self.oproj_impl == "stream" and s is None and self._stream_plan(w, gated=False) is not None
-            self._attend(i, layer, combine=self.gemma or stream_o)
             if self.gemma:
                 self._gemv(o, w, self.tmp[0], s)
                 rmsnorm_add(self.tmp, self.h, layer.post_attn, eps, off)
-            elif stream_o:
-                self._gemv(o, w, h, accumulate=True, early=True)
             else:
                 self.attention.combine_oproj_(w, h, self.pdl, self.oproj_block_n, self.oproj_warps,
                                               self.oproj_heads, scale=s, o_like=self.o)
             (w, s), (u, us) = _weight(layer, "g"), _weight(layer, "u")
             self._gemv(h, w, self.mlp[0], s, norm_w=layer.ln2, eps=eps, norm_offset=off, up=u, us=us, act=self.act,
-                       config=cfg.get("gate_up"), early=True)
+                       config=cfg.get("gate_up"))
             w, s = _weight(layer, "d")
             if self.gemma:
                 self._gemv(self.mlp[0], w, self.tmp[0], s)
                 rmsnorm_add(self.tmp, self.h, layer.post_ff, eps, off)
             else:
-                self._gemv(self.mlp[0], w, h, s, accumulate=True, config=cfg.get("down"), early=True)
+                self._gemv(self.mlp[0], w, h, s, accumulate=True, config=cfg.get("down"))
         w, s = self.head_int8 or (self.head, None)
         self._gemv(h, w, self.logits[0], s, norm_w=self.final_norm, eps=eps, norm_offset=off, config=cfg.get("head"),
-                   argmax=(self.amax, self.aidx) if greedy else None, early=True)
+                   argmax=(self.amax, self.aidx) if greedy else None)
 
     def _layers_matmul(self) -> None:
         rmsnorm, rmsnorm_add, gated = self._k()

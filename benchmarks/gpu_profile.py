@@ -27,7 +27,8 @@ from portable import models  # noqa: E402
 from portable.config import RunConfig  # noqa: E402
 
 VARIANTS = {
-    "default": dict(),
+    "default": dict(),  # the bulk-copy GEMVs on NVIDIA sm_90+ (backends/kernels/stream_gemv.cu)
+    "triton": dict(gemv_impl="triton"),  # the Triton GEMVs (the default before 2026-12-04)
     "attn bs32": dict(attention_block_s=32),
     "attn bs32 w8": dict(attention_block_s=32, attention_warps=8),
     "attn bs16": dict(attention_block_s=16),
@@ -67,18 +68,13 @@ VARIANTS = {
 
 
 def variant_knobs(variant: str) -> dict:
-    """A variant's decoder knobs: from VARIANTS, or "stream [ringN] [chunkM] [oproj] [early]" (sizes in KiB; oproj:
-    W_o through the stream GEMV too; early: stream GEMVs let the next weights-only kernel launch at their start)."""
+    """A variant's decoder knobs: from VARIANTS, or "stream [ringN] [chunkM]" (the bulk-copy GEMVs; sizes in KiB)."""
     if variant in VARIANTS:
         return dict(VARIANTS[variant])
     words = variant.split()
     if words and words[0] == "stream":
         knobs = {"gemv_impl": "stream"}
         for word in words[1:]:
-            if word == "oproj":
-                knobs["oproj_impl"] = "stream"
-            elif word == "early":
-                knobs["stream_early"] = True
             for prefix, knob in (("ring", "stream_ring_bytes"), ("chunk", "stream_chunk_bytes")):
                 if word.startswith(prefix):
                     knobs[knob] = int(word[len(prefix):].rstrip("k")) * 1024

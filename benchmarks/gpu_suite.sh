@@ -28,7 +28,7 @@ for p in $parts; do
 print(sys.version.split()[0], torch.__version__, transformers.__version__, triton.__version__, onnxruntime.__version__,
 onnxruntime.get_available_providers(), torch.cuda.get_device_name())"; git rev-parse HEAD 2>/dev/null || true' ;;
     tests)  # the GPU-marked tests: fp32 exact on CUDA, bf16/fp16 verdicts, artifact reuse, graph vs eager, kernels
-        part tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
+        part tests 360 python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
     bench)  # llama-bench tg128 at batch 1 and 16, both HF generate engines timed beside each bf16 point (int8: none)
         part bench 480 python3 -m portable bench --measure-peak -m $PRESETS -b cuda -p bf16,int8 -t tg128 \
             --batch 1,16 -r 3 --compare hf -q -o "$OUT/bench.json" ;;

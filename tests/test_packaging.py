@@ -11,3 +11,11 @@ def test_every_subpackage_is_listed_in_pyproject():
     found = {str(p.parent.relative_to(ROOT)).replace("/", ".")
              for top in ("portable", "backends", "caches") for p in (ROOT / top).rglob("__init__.py")}
     assert found - listed == set(), f"missing from pyproject's packages: {sorted(found - listed)}"
+
+
+def test_non_python_sources_are_package_data():
+    """Files a package reads at run time (the embedded model, CUDA sources compiled by NVRTC) must be package data."""
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    for package, pattern in (("backends.kernels", "*.cu"), ("portable.data", "default_model/*")):
+        assert pattern in data.get(package, []), (package, pattern)
+        assert list((ROOT / package.replace(".", "/")).glob(pattern)), (package, pattern)

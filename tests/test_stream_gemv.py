@@ -24,7 +24,9 @@ def test_plan_covers_every_row_once_within_its_shared_memory(n, k, gated, sms):
     mats = 2 if gated else 1
     assert p.grid <= sms or p.rows_per_cta * p.split * mats * 4 > stream_gemv.PART_BYTES - 4 * p.rows * p.split * mats
     assert (p.grid - 1) * p.rows_per_cta < n <= p.grid * p.rows_per_cta  # every row owned, no program idle
-    assert p.rows * 2 * k * mats <= max(stream_gemv.CHUNK_BYTES, 2 * k * mats)  # a chunk: one row at least
+    row = 2 * k * mats  # a chunk: the fewest whole rows (a power of two) that make CHUNK_BYTES, up to CONSUMERS
+    assert p.rows == stream_gemv.CONSUMERS or p.rows * row >= stream_gemv.CHUNK_BYTES
+    assert p.rows == 1 or (p.rows // 2) * row < stream_gemv.CHUNK_BYTES
     assert p.shared_bytes(k, gated) <= 227 * 1024
     assert 1 <= p.stages <= p.rows_per_cta // p.rows  # no stage a program cannot fill
 

@@ -11,11 +11,9 @@
 //   GATED: y = act(W . x') * (U . x')          ACT 0 = silu, 1 = gelu_tanh
 //   OUT_KIND 0: out fp32 = y; 1: out bf16 = y; 2: out fp16 = y; 3: out fp32 += y (each row has one owner: no atomics)
 //   ARGMAX: each program also writes its largest output and the first row holding it (NaN counts as the largest)
-//   EARLY: let the successor launch at the start (only for successors that read nothing but weights before their
-//   own wait); otherwise once every consumer has passed its wait
 //
 // Compile-time constants (-D): K, WT_BF16 (weights bf16, else fp16), X_KIND (0 fp32, 1 bf16, 2 fp16), HAS_NORM,
-// GATED, ACT, OUT_KIND, ARGMAX, EARLY, ROWS, SPLIT (warps per row; ROWS * SPLIT == CONSUMERS), STAGES.
+// GATED, ACT, OUT_KIND, ARGMAX, ROWS, SPLIT (warps per row; ROWS * SPLIT == CONSUMERS), STAGES.
 // Each consumer warp owns one (row of a chunk, K/SPLIT columns) pair for the whole kernel, so its share of x' stays
 // in registers: K % (256 * SPLIT) == 0.
 
@@ -138,10 +136,6 @@ stream_gemv(const u16* __restrict__ w, const u16* __restrict__ u, const void* __
 
     if (warp == CONSUMERS) {  // the producer warp: never waits for the previous kernel
         u64 policy = 0;
-#if EARLY
-        // the successor reads nothing before its own wait but weights: it may launch (and start streaming) now
-        asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
         if (lane == 0) {
             asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
             for (int c = 0; c < chunks && c < STAGES; ++c) {
@@ -154,12 +148,10 @@ stream_gemv(const u16* __restrict__ w, const u16* __restrict__ u, const void* __
 #endif
             }
         }
-#if !EARLY
         // the consumers have passed their dependency wait: our successor may launch now (its own early loads then
         // see everything before us complete)
         asm volatile("bar.sync 1, %0;" :: "r"((CONSUMERS + 1) * 32) : "memory");
         asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
         if (lane == 0) {
             for (int c = STAGES; c < chunks; ++c) {
                 const int s = c % STAGES;
@@ -178,10 +170,8 @@ stream_gemv(const u16* __restrict__ w, const u16* __restrict__ u, const void* __
 
     // ---- consumers ----
     asm volatile("griddepcontrol.wait;" ::: "memory");
-#if !EARLY
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     asm volatile("bar.arrive 1, %0;" :: "r"((CONSUMERS + 1) * 32) : "memory");
-#endif
 
     const int r = warp / SPLIT, p = warp % SPLIT;  // this warp's row within a chunk and its K part
     float xr[VPL][8];

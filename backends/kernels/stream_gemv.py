@@ -21,8 +21,11 @@ import torch
 
 SOURCE = Path(__file__).with_name("stream_gemv.cu")
 CONSUMERS = 8  # consumer warps per program (plus one producer warp)
-CHUNK_BYTES = 16 * 1024  # bytes of weights per chunk the producer copies (W and U together when gated)
-RING_BYTES = 96 * 1024  # shared memory for chunks in flight: two programs (this GEMV and the next) fit on an SM
+CHUNK_BYTES = 16 * 1024  # at least this many bytes of weights per chunk the producer copies (W and U together)
+# shared memory for chunks in flight. On an H200 (benchmarks/gemv_tune.py --stream, gpu_profile.py "stream ringN"):
+# 144 KiB gave the fastest step for both real-shape presets; 96-112 KiB (two GEMVs' programs on one SM) and
+# 160-220 KiB were slower
+RING_BYTES = 144 * 1024
 PART_BYTES = 16 * 1024  # at most this much shared memory for a program's partial sums
 OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 X_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -51,8 +54,8 @@ def plan(n: int, k: int, gated: bool, sms: int, chunk_bytes: int = CHUNK_BYTES,
     consumer warp keeps K/split columns of x in registers: K must be a multiple of 256 * split)."""
     mats = 2 if gated else 1
     row_bytes = 2 * k * mats
-    rows = 1
-    while rows < CONSUMERS and (rows * 2) * row_bytes <= chunk_bytes:
+    rows = 1  # a chunk: whole rows, at least chunk_bytes (12 KiB chunks streamed at 87% of 24 KiB ones on an H200)
+    while rows < CONSUMERS and rows * row_bytes < chunk_bytes:
         rows *= 2
     while rows <= CONSUMERS:
         split = CONSUMERS // rows
@@ -86,12 +89,10 @@ def available(device: torch.device) -> str | None:
 def stream_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, norm_w: torch.Tensor | None = None,
                 eps: float = 1e-6, norm_offset: float = 0.0, up: torch.Tensor | None = None, act: str = "silu",
                 accumulate: bool = False, argmax: tuple[torch.Tensor, torch.Tensor] | None = None,
-                pdl: bool = False, early: bool = False, chunk_bytes: int = CHUNK_BYTES, ring_bytes: int = RING_BYTES) -> torch.Tensor:
+                pdl: bool = False, chunk_bytes: int = CHUNK_BYTES, ring_bytes: int = RING_BYTES) -> torch.Tensor:
     """As `gemv.gemv` (x: [K] or [1, K]; w, up: [N, K] bf16/fp16 contiguous; out: [N]), on NVIDIA sm_90+.
 
-    `argmax`: fp32 and int32 buffers of `plan(...).grid` entries (one per program). `early` (with `pdl`): the next
-    kernel may launch when this one starts, not only once it has passed its wait; only for a next kernel that reads
-    nothing but weights before its own wait (another `stream_gemv`, not the attention)."""
+    `argmax`: fp32 and int32 buffers of `plan(...).grid` entries (one per program)."""
     n, k = w.shape
     gated = up is not None
     if w.dtype not in (torch.bfloat16, torch.float16) or not w.is_contiguous() or (gated and (
@@ -109,7 +110,7 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, norm_w: 
         raise ValueError(f"x must be {k} contiguous values")
     defines = {"K": k, "WT_BF16": int(w.dtype == torch.bfloat16), "X_KIND": X_KINDS[x.dtype],
                "HAS_NORM": int(norm_w is not None), "GATED": int(gated), "ACT": ACTS[act],
-               "OUT_KIND": 3 if accumulate else OUT_KINDS[out.dtype], "ARGMAX": int(argmax is not None), "EARLY": int(early),
+               "OUT_KIND": 3 if accumulate else OUT_KINDS[out.dtype], "ARGMAX": int(argmax is not None),
                "ROWS": p.rows, "SPLIT": p.split, "STAGES": p.stages}
     kernel = _kernel(tuple(sorted(defines.items())), torch.cuda.get_device_capability(w.device), w.device.index or 0)
     shared = p.shared_bytes(k, gated)
