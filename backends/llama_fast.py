@@ -105,8 +105,9 @@ class FastDecoder:
         # "stream": the 2-byte-weight GEMVs through `stream_gemv` (bulk copies into shared memory) where it takes
         # their shape, the default on NVIDIA sm_90+ GPUs (H200: 10-12% off the step; BENCHMARKS.md); "triton":
         # `gemv.gemv` everywhere
-        self.gemv_impl = "stream" if kernels == "triton" and stream_gemv.available(self.device) is None else "triton"
+        self.gemv_impl = "triton"  # set below, once the device is known
         self.stream_chunk_bytes, self.stream_ring_bytes = stream_gemv.CHUNK_BYTES, stream_gemv.RING_BYTES
+        self.stream_rings: dict[str, int] = {}  # per GEMV kind, a ring size other than stream_ring_bytes
         # Measured on an H100 (benchmarks/gpu_profile.py): 32-slot blocks with 8 warps for pass 1 of the attention,
         # 128-row programs for the combine + output projection.
         self.oproj_block_n, self.oproj_warps, self.oproj_heads = 128, 4, 1
@@ -114,6 +115,8 @@ class FastDecoder:
         inner = model.model
         self.dtype = inner.embed_tokens.weight.dtype
         self.device = inner.embed_tokens.weight.device
+        if kernels == "triton" and stream_gemv.available(self.device) is None:
+            self.gemv_impl = "stream"
         self.gemma = config.model_type.startswith("gemma")
         self.offset = 1.0 if self.gemma else 0.0
         self.eps = config.rms_norm_eps
@@ -258,41 +261,41 @@ class FastDecoder:
         return stream_gemv.plan(*w.shape, gated, stream_gemv.sms(w.device), self.stream_chunk_bytes,
                                 self.stream_ring_bytes)
 
-    def _gemv(self, x, w, out, s=None, *, config=None, up=None, us=None, **kw) -> None:
-        """One batch-1 GEMV (the arguments of `gemv.gemv`), through `stream_gemv` where it applies."""
+    def _gemv(self, kind, x, w, out, s=None, *, up=None, us=None, **kw) -> None:
+        """One batch-1 GEMV of `kind` (qkv, o, gate_up, down, head; the other arguments as `gemv.gemv`'s), through
+        `stream_gemv` where it applies."""
         if s is None and self._stream_plan(w, up is not None) is not None:
             stream_gemv.stream_gemv(x, w, out, up=up, pdl=self.pdl, chunk_bytes=self.stream_chunk_bytes,
-                                    ring_bytes=self.stream_ring_bytes, **kw)
+                                    ring_bytes=self.stream_rings.get(kind, self.stream_ring_bytes), **kw)
         else:
-            gemv.gemv(x, w, out, config=config, scale=s, up=up, up_scale=us, prefetch=self.prefetch,
-                      preload=self.preload, trigger=self.trigger, pdl=self.pdl, **kw)
+            gemv.gemv(x, w, out, config=self.gemv_configs.get(kind), scale=s, up=up, up_scale=us,
+                      prefetch=self.prefetch, preload=self.preload, trigger=self.trigger, pdl=self.pdl, **kw)
 
     def _layers_gemv(self, greedy: bool = False) -> None:
         rmsnorm_add = norms.rmsnorm_add_
         h, o, eps, off = self.h[0], self.o.view(-1), self.eps, self.offset
-        cfg = self.gemv_configs
         for i, layer in enumerate(self.layers):
             w, s = _weight(layer, "qkv")
-            self._gemv(h, w, self.qkv[0], s, norm_w=layer.ln1, eps=eps, norm_offset=off, config=cfg.get("qkv"))
+            self._gemv("qkv", h, w, self.qkv[0], s, norm_w=layer.ln1, eps=eps, norm_offset=off)
             self._attend(i, layer, combine=self.gemma)
             w, s = _weight(layer, "o")
             if self.gemma:
-                self._gemv(o, w, self.tmp[0], s)
+                self._gemv("o", o, w, self.tmp[0], s)
                 rmsnorm_add(self.tmp, self.h, layer.post_attn, eps, off)
             else:
                 self.attention.combine_oproj_(w, h, self.pdl, self.oproj_block_n, self.oproj_warps,
                                               self.oproj_heads, scale=s, o_like=self.o)
             (w, s), (u, us) = _weight(layer, "g"), _weight(layer, "u")
-            self._gemv(h, w, self.mlp[0], s, norm_w=layer.ln2, eps=eps, norm_offset=off, up=u, us=us, act=self.act,
-                       config=cfg.get("gate_up"))
+            self._gemv("gate_up", h, w, self.mlp[0], s, norm_w=layer.ln2, eps=eps, norm_offset=off, up=u, us=us,
+                       act=self.act)
             w, s = _weight(layer, "d")
             if self.gemma:
-                self._gemv(self.mlp[0], w, self.tmp[0], s)
+                self._gemv("down", self.mlp[0], w, self.tmp[0], s)
                 rmsnorm_add(self.tmp, self.h, layer.post_ff, eps, off)
             else:
-                self._gemv(self.mlp[0], w, h, s, accumulate=True, config=cfg.get("down"))
+                self._gemv("down", self.mlp[0], w, h, s, accumulate=True)
         w, s = self.head_int8 or (self.head, None)
-        self._gemv(h, w, self.logits[0], s, norm_w=self.final_norm, eps=eps, norm_offset=off, config=cfg.get("head"),
+        self._gemv("head", h, w, self.logits[0], s, norm_w=self.final_norm, eps=eps, norm_offset=off,
                    argmax=(self.amax, self.aidx) if greedy else None)
 
     def _layers_matmul(self) -> None:

@@ -68,7 +68,8 @@ VARIANTS = {
 
 
 def variant_knobs(variant: str) -> dict:
-    """A variant's decoder knobs: from VARIANTS, or "stream [ringN] [chunkM]" (the bulk-copy GEMVs; sizes in KiB)."""
+    """A variant's decoder knobs: from VARIANTS, or "stream [ringN] [chunkM] [downN ...]" (the bulk-copy GEMVs; sizes
+    in KiB; qkvN / gate_upN / downN / headN: that kind's ring)."""
     if variant in VARIANTS:
         return dict(VARIANTS[variant])
     words = variant.split()
@@ -78,6 +79,9 @@ def variant_knobs(variant: str) -> dict:
             for prefix, knob in (("ring", "stream_ring_bytes"), ("chunk", "stream_chunk_bytes")):
                 if word.startswith(prefix):
                     knobs[knob] = int(word[len(prefix):].rstrip("k")) * 1024
+            for kind in ("qkv", "gate_up", "down", "head"):
+                if word.startswith(kind) and word[len(kind):].rstrip("k").isdigit():
+                    knobs.setdefault("stream_rings", {})[kind] = int(word[len(kind):].rstrip("k")) * 1024
         return knobs
     raise SystemExit(f"unknown variant {variant!r}")
 
