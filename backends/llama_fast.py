@@ -105,7 +105,7 @@ class FastDecoder:
         # "stream": the 2-byte-weight GEMVs through `stream_gemv` (bulk copies into shared memory) where it takes
         # their shape, the default on NVIDIA sm_90+ GPUs (H200: 10-12% off the step; BENCHMARKS.md); "triton":
         # `gemv.gemv` everywhere
-        self.gemv_impl = "triton"  # set below, once the device is known
+        self.gemv_impl = "triton"  # "stream" below, for 2-byte weights on a GPU that takes it
         self.stream_chunk_bytes, self.stream_ring_bytes = stream_gemv.CHUNK_BYTES, stream_gemv.RING_BYTES
         self.stream_rings: dict[str, int] = {}  # per GEMV kind, a ring size other than stream_ring_bytes
         # Measured on an H100 (benchmarks/gpu_profile.py): 32-slot blocks with 8 warps for pass 1 of the attention,
@@ -115,8 +115,6 @@ class FastDecoder:
         inner = model.model
         self.dtype = inner.embed_tokens.weight.dtype
         self.device = inner.embed_tokens.weight.device
-        if kernels == "triton" and stream_gemv.available(self.device) is None:
-            self.gemv_impl = "stream"
         self.gemma = config.model_type.startswith("gemma")
         self.offset = 1.0 if self.gemma else 0.0
         self.eps = config.rms_norm_eps
@@ -131,6 +129,9 @@ class FastDecoder:
         self.head = model.lm_head.weight
         self.weights = "int8" if int8 else "native"
         self.head_int8 = int8[model.lm_head] if int8 else None
+        if (kernels == "triton" and not int8 and self.dtype in (torch.bfloat16, torch.float16)
+                and stream_gemv.available(self.device) is None):
+            self.gemv_impl = "stream"
         types = _layer_types(config)
         rotary = inner.rotary_emb
         self.layers = []

@@ -42,6 +42,25 @@ def test_not_available_without_an_nvidia_gpu():
     assert "NVIDIA" in stream_gemv.available(torch.device("cpu"))
 
 
+@pytest.mark.parametrize("precision,int8,expected", [("bf16", False, "stream"), ("fp16", False, "stream"),
+                                                     ("fp32", False, "triton"), ("bf16", True, "triton")])
+def test_decoder_picks_the_stream_gemvs_for_two_byte_weights_where_available(tiny_model, monkeypatch, precision,
+                                                                             int8, expected):
+    """The default GEMV where the GPU takes the bulk-copy kernel (`available` faked here): bf16/fp16 weights stream,
+    fp32 and int8 weights keep the Triton GEMV (which the kernel does not take), and so does a GPU without it."""
+    from backends import quantize
+    from backends.llama_fast import FastDecoder
+    from portable import models
+
+    loaded = models.load(models.resolve(str(tiny_model("llama"))), precision, "cpu")
+    q = quantize.quantize_linears_(loaded.model) if int8 else None
+    monkeypatch.setattr(stream_gemv, "available", lambda device: None)
+    assert FastDecoder(loaded.model, kernels="triton", int8=q).gemv_impl == expected
+    assert FastDecoder(loaded.model, kernels="torch", int8=q).gemv_impl == "triton"
+    monkeypatch.setattr(stream_gemv, "available", lambda device: "needs an NVIDIA GPU")
+    assert FastDecoder(loaded.model, kernels="triton", int8=q).gemv_impl == "triton"
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or stream_gemv.available(torch.device("cuda")) is not None,
                          reason="needs an NVIDIA sm_90+ GPU with NVRTC")
 

@@ -7,6 +7,9 @@
     gemv.py        batch-1 matrix-vector product streaming the weights once, with an RMSNorm prologue, a gated
                    activation epilogue, and split-K accumulation straight into the fp32 residual stream
     attention.py   single-token attention over a static cache (grouped-query, left padding, sliding windows)
+    stream_gemv.py the same GEMVs for bf16/fp16 weights on NVIDIA sm_90+, not Triton: CUDA C++ (stream_gemv.cu)
+                   compiled at run time by NVRTC, a producer warp bulk-copying the weights into shared memory; the
+                   default there (faster on an H200, BENCHMARKS.md); tested against the reference on GPUs only
 
 Every kernel reads bf16/fp16/fp32 and accumulates in fp32; matrix tiles are reduced with multiply-and-sum rather
 than `tl.dot` (batch-1 work is bandwidth-bound, and the Triton interpreter, which runs these kernels on CPU in CI,
