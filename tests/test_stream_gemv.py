@@ -36,10 +36,17 @@ def test_plan_refuses_what_the_kernel_cannot_take():
     assert stream_gemv.plan(1024, 384, False, 132) is None
     p = stream_gemv.plan(1024, 768, False, 132)  # 768 = 3 * 256: one warp per row, all of K
     assert p is not None and p.split == 1
+    # Gemma3-1B's down projection (K = 6912 = 27 * 256): only one warp per row divides it, and 27 vectors of x' per
+    # lane would spill registers
+    assert stream_gemv.plan(1152, 6912, False, 132) is None
+    assert stream_gemv.plan(2048, 16384, False, 132).split == 8  # 8 vectors per lane: the most a consumer holds
+    assert stream_gemv.plan(2048, 32768, False, 132) is None
 
 
-def test_not_available_without_an_nvidia_gpu():
+def test_not_available_without_an_nvidia_gpu(monkeypatch):
     assert "NVIDIA" in stream_gemv.available(torch.device("cpu"))
+    monkeypatch.setattr(torch.version, "hip", "6.2.0")  # PyTorch on ROCm calls its GPUs "cuda" too
+    assert "NVIDIA" in stream_gemv.available(torch.device("cuda"))
 
 
 @pytest.mark.parametrize("precision,int8,expected", [("bf16", False, "stream"), ("fp16", False, "stream"),

@@ -27,6 +27,7 @@ CHUNK_BYTES = 16 * 1024  # at least this many bytes of weights per chunk the pro
 # 160-220 KiB were slower
 RING_BYTES = 144 * 1024
 PART_BYTES = 16 * 1024  # at most this much shared memory for a program's partial sums
+MAX_VECTORS = 8  # 16-byte weight vectors per lane per row: a consumer holds 8 * MAX_VECTORS floats of x'
 OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 X_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 ACTS = {"silu": 0, "gelu_tanh": 1}
@@ -51,7 +52,8 @@ class Plan:
 def plan(n: int, k: int, gated: bool, sms: int, chunk_bytes: int = CHUNK_BYTES,
          ring_bytes: int = RING_BYTES) -> Plan | None:
     """The work split for an [n, k] weight on a GPU with `sms` SMs, or None where the kernel does not apply (each
-    consumer warp keeps K/split columns of x in registers: K must be a multiple of 256 * split)."""
+    consumer warp keeps K/split columns of x in registers: K must be a multiple of 256 * split, and K/split at most
+    256 * MAX_VECTORS)."""
     mats = 2 if gated else 1
     row_bytes = 2 * k * mats
     rows = 1  # a chunk: whole rows, at least chunk_bytes (12 KiB chunks streamed at 87% of 24 KiB ones on an H200)
@@ -63,6 +65,8 @@ def plan(n: int, k: int, gated: bool, sms: int, chunk_bytes: int = CHUNK_BYTES,
             break
         rows *= 2
     else:
+        return None
+    if k // split > 256 * MAX_VECTORS:  # x' would not fit in a consumer's registers
         return None
     groups = -(-n // rows)
     rows_per_cta = rows * -(-groups // sms)
