@@ -104,14 +104,23 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, norm_w: 
         raise ValueError("stream_gemv needs contiguous bf16/fp16 weights (and `up` like `w`)")
     if accumulate and out.dtype != torch.float32:
         raise ValueError("accumulate=True needs an fp32 output")
+    x = x.reshape(-1)
+    if x.numel() != k or not x.is_contiguous() or x.dtype not in X_KINDS:
+        raise ValueError(f"x must be {k} contiguous fp32/bf16/fp16 values")
+    if norm_w is not None and (norm_w.dtype != w.dtype or norm_w.numel() != k or not norm_w.is_contiguous()):
+        raise ValueError(f"norm_w must be {k} contiguous values of the weights' dtype")
+    if out.numel() != n or not out.is_contiguous() or out.dtype not in OUT_KINDS:
+        raise ValueError(f"out must be {n} contiguous fp32/bf16/fp16 values")
+    if any(t.data_ptr() % 16 for t in (w, up, x, norm_w) if t is not None):  # bulk copies and vector loads
+        raise ValueError("stream_gemv needs 16-byte aligned weights, x and norm_w")
+    reason = available(w.device)
+    if reason is not None:
+        raise ValueError(f"stream_gemv {reason}")
     p = plan(n, k, gated, sms(w.device), chunk_bytes, ring_bytes)
     if p is None:
         raise ValueError(f"stream_gemv does not take K = {k}")
     if argmax is not None and (accumulate or argmax[0].numel() != p.grid or argmax[1].numel() != p.grid):
         raise ValueError(f"argmax needs a non-accumulating GEMV and {p.grid} entries")
-    x = x.reshape(-1)
-    if x.numel() != k or not x.is_contiguous():
-        raise ValueError(f"x must be {k} contiguous values")
     defines = {"K": k, "WT_BF16": int(w.dtype == torch.bfloat16), "X_KIND": X_KINDS[x.dtype],
                "HAS_NORM": int(norm_w is not None), "GATED": int(gated), "ACT": ACTS[act],
                "OUT_KIND": 3 if accumulate else OUT_KINDS[out.dtype], "ARGMAX": int(argmax is not None),
