@@ -93,16 +93,24 @@ def candidates(shape: dict):
             yield GemvConfig(block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=stages), preload
 
 
+def operands(shape: dict, dtype, x_dtype) -> tuple:
+    """One shape's weights (`count` distinct ones, so L2 cannot hold them), up weights when gated, x, norm weight,
+    output, and the bytes of weights one pass reads."""
+    n, k, count = shape["n"], shape["k"], shape["count"]
+    ws = [torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5 for _ in range(count)]
+    us = [torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5 for _ in range(count)] if shape["gated"] else None
+    x = torch.randn(k, device="cuda").to(x_dtype)
+    nw = torch.randn(k, device="cuda", dtype=dtype) if shape["norm"] else None
+    out = torch.zeros(n, device="cuda", dtype=torch.float32 if shape["acc"] else dtype)
+    nbytes = sum(w.numel() * w.element_size() for w in ws) * (2 if us else 1)
+    return ws, us, x, nw, out, nbytes
+
+
 def tune(name: str, dtype=torch.bfloat16) -> list[dict]:
     rows = []
     for shape in shapes(name):
         n, k, count = shape["n"], shape["k"], shape["count"]
-        ws = [torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5 for _ in range(count)]
-        us = [torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5 for _ in range(count)] if shape["gated"] else None
-        x = torch.randn(k, device="cuda")
-        nw = torch.randn(k, device="cuda", dtype=dtype) if shape["norm"] else None
-        out = torch.zeros(n, device="cuda", dtype=torch.float32 if shape["acc"] else dtype)
-        nbytes = sum(w.numel() * w.element_size() for w in ws) * (2 if us else 1)
+        ws, us, x, nw, out, nbytes = operands(shape, dtype, x_dtype=torch.float32)
 
         xb = x.to(dtype)[None]
 
@@ -143,12 +151,8 @@ def tune_stream(name: str, dtype=torch.bfloat16) -> list[dict]:
     rows = []
     for shape in shapes(name):
         n, k, count = shape["n"], shape["k"], shape["count"]
-        ws = [torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5 for _ in range(count)]
-        us = [torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5 for _ in range(count)] if shape["gated"] else None
-        x = torch.randn(k, device="cuda") if not shape["acc"] else torch.randn(k, device="cuda").to(dtype)
-        nw = torch.randn(k, device="cuda", dtype=dtype) if shape["norm"] else None
-        out = torch.zeros(n, device="cuda", dtype=torch.float32 if shape["acc"] else dtype)
-        nbytes = sum(w.numel() * w.element_size() for w in ws) * (2 if us else 1)
+        # x as the decode step has it: the fp32 residual, or the bf16 activations before the down projection
+        ws, us, x, nw, out, nbytes = operands(shape, dtype, x_dtype=dtype if shape["acc"] else torch.float32)
 
         def triton_default():
             for j, w in enumerate(ws):

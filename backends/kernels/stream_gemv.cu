@@ -136,17 +136,20 @@ stream_gemv(const u16* __restrict__ w, const u16* __restrict__ u, const void* __
 
     if (warp == CONSUMERS) {  // the producer warp: never waits for the previous kernel
         u64 policy = 0;
+        // chunk c (its rows of W, and of U when gated) into stage c % STAGES, completing that stage's barrier
+        auto issue = [&](int c) {
+            const int s = c % STAGES;
+            const int nr = min(ROWS, rows - c * ROWS);
+            const size_t off = (size_t)(row0 + c * ROWS) * K;
+            mbar_expect_tx(&full[s], nr * K * 2 * MATS);
+            bulk_copy(ring + s * STAGE_BYTES, w + off, nr * K * 2, &full[s], policy);
+#if GATED
+            bulk_copy(ring + s * STAGE_BYTES + CHUNK_BYTES, u + off, nr * K * 2, &full[s], policy);
+#endif
+        };
         if (lane == 0) {
             asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-            for (int c = 0; c < chunks && c < STAGES; ++c) {
-                const int nr = min(ROWS, rows - c * ROWS);
-                const size_t off = (size_t)(row0 + c * ROWS) * K;
-                mbar_expect_tx(&full[c], nr * K * 2 * MATS);
-                bulk_copy(ring + c * STAGE_BYTES, w + off, nr * K * 2, &full[c], policy);
-#if GATED
-                bulk_copy(ring + c * STAGE_BYTES + CHUNK_BYTES, u + off, nr * K * 2, &full[c], policy);
-#endif
-            }
+            for (int c = 0; c < chunks && c < STAGES; ++c) issue(c);
         }
         // the consumers have passed their dependency wait: our successor may launch now (its own early loads then
         // see everything before us complete)
@@ -154,15 +157,8 @@ stream_gemv(const u16* __restrict__ w, const u16* __restrict__ u, const void* __
         asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
         if (lane == 0) {
             for (int c = STAGES; c < chunks; ++c) {
-                const int s = c % STAGES;
-                mbar_wait(&empty[s], ((c / STAGES) - 1) & 1);
-                const int nr = min(ROWS, rows - c * ROWS);
-                const size_t off = (size_t)(row0 + c * ROWS) * K;
-                mbar_expect_tx(&full[s], nr * K * 2 * MATS);
-                bulk_copy(ring + s * STAGE_BYTES, w + off, nr * K * 2, &full[s], policy);
-#if GATED
-                bulk_copy(ring + s * STAGE_BYTES + CHUNK_BYTES, u + off, nr * K * 2, &full[s], policy);
-#endif
+                mbar_wait(&empty[c % STAGES], ((c / STAGES) - 1) & 1);  // the consumers are done with that stage
+                issue(c);
             }
         }
         return;
