@@ -108,6 +108,12 @@ class FastDecoder:
         self.gemv_impl = "triton"  # "stream" below, for 2-byte weights on a GPU that takes it
         self.stream_chunk_bytes, self.stream_ring_bytes = stream_gemv.CHUNK_BYTES, stream_gemv.RING_BYTES
         self.stream_rings: dict[str, int] = {}  # per GEMV kind, a ring size other than stream_ring_bytes
+        # L2 prefetches of the stream GEMVs (stream_gemv.cu's header): per kind, bytes per program past the first
+        # ring asked for at the start; and the kinds whose producer, once its weights are on their way, prefetches
+        # the first ring of the GEMV that comes next (qkv -> gate_up -> down -> next layer's qkv or the head; the
+        # head -> layer 0's qkv)
+        self.stream_ahead: dict[str, int] = {}
+        self.stream_then: set[str] = set()
         # Measured on an H100 (benchmarks/gpu_profile.py): 32-slot blocks with 8 warps for pass 1 of the attention,
         # 128-row programs for the combine + output projection.
         self.oproj_block_n, self.oproj_warps, self.oproj_heads = 128, 4, 1
@@ -254,20 +260,27 @@ class FastDecoder:
         attention.decode_attention_torch(self.q, self.k_cache[i], self.v_cache[i], self.start, self.slot, self.scale,
                                          layer.window, out=self.o)
 
-    def _stream_plan(self, w: torch.Tensor, gated: bool) -> stream_gemv.Plan | None:
-        """The work split `stream_gemv` would use for weight `w`, or None where the Triton GEMV runs it."""
+    def _stream_plan(self, w: torch.Tensor, gated: bool, kind: str | None = None) -> stream_gemv.Plan | None:
+        """The work split `stream_gemv` would use for weight `w` (of GEMV `kind`), or None where the Triton GEMV
+        runs it."""
         if (self.gemv_impl != "stream" or self.kernels != "triton" or self.weights != "native"
                 or w.dtype not in (torch.bfloat16, torch.float16)):
             return None
         return stream_gemv.plan(*w.shape, gated, stream_gemv.sms(w.device), self.stream_chunk_bytes,
-                                self.stream_ring_bytes)
+                                self.stream_rings.get(kind, self.stream_ring_bytes))
 
-    def _gemv(self, kind, x, w, out, s=None, *, up=None, us=None, **kw) -> None:
+    def _gemv(self, kind, x, w, out, s=None, *, up=None, us=None, then=None, **kw) -> None:
         """One batch-1 GEMV of `kind` (qkv, o, gate_up, down, head; the other arguments as `gemv.gemv`'s), through
-        `stream_gemv` where it applies."""
+        `stream_gemv` where it applies. `then` = (kind, w, up or None): the GEMV that comes next (for the L2
+        prefetch of `stream_then`)."""
         if s is None and self._stream_plan(w, up is not None) is not None:
+            nxt = None
+            if then is not None and kind in self.stream_then:
+                plan = self._stream_plan(then[1], then[2] is not None, then[0])
+                nxt = (then[1], then[2], plan) if plan is not None else None
             stream_gemv.stream_gemv(x, w, out, up=up, pdl=self.pdl, chunk_bytes=self.stream_chunk_bytes,
-                                    ring_bytes=self.stream_rings.get(kind, self.stream_ring_bytes), **kw)
+                                    ring_bytes=self.stream_rings.get(kind, self.stream_ring_bytes),
+                                    ahead_bytes=self.stream_ahead.get(kind, 0), then=nxt, **kw)
         else:
             gemv.gemv(x, w, out, config=self.gemv_configs.get(kind), scale=s, up=up, up_scale=us,
                       prefetch=self.prefetch, preload=self.preload, trigger=self.trigger, pdl=self.pdl, **kw)
@@ -275,9 +288,11 @@ class FastDecoder:
     def _layers_gemv(self, greedy: bool = False) -> None:
         rmsnorm_add = norms.rmsnorm_add_
         h, o, eps, off = self.h[0], self.o.view(-1), self.eps, self.offset
-        for i, layer in enumerate(self.layers):
+        layers = self.layers
+        for i, layer in enumerate(layers):
             w, s = _weight(layer, "qkv")
-            self._gemv("qkv", h, w, self.qkv[0], s, norm_w=layer.ln1, eps=eps, norm_offset=off)
+            self._gemv("qkv", h, w, self.qkv[0], s, norm_w=layer.ln1, eps=eps, norm_offset=off,
+                       then=("gate_up", layer.wg, layer.wu))
             self._attend(i, layer, combine=self.gemma)
             w, s = _weight(layer, "o")
             if self.gemma:
@@ -288,16 +303,17 @@ class FastDecoder:
                                               self.oproj_heads, scale=s, o_like=self.o)
             (w, s), (u, us) = _weight(layer, "g"), _weight(layer, "u")
             self._gemv("gate_up", h, w, self.mlp[0], s, norm_w=layer.ln2, eps=eps, norm_offset=off, up=u, us=us,
-                       act=self.act)
+                       act=self.act, then=("down", layer.wd, None))
             w, s = _weight(layer, "d")
+            then = ("qkv", layers[i + 1].wqkv, None) if i + 1 < len(layers) else ("head", self.head, None)
             if self.gemma:
-                self._gemv("down", self.mlp[0], w, self.tmp[0], s)
+                self._gemv("down", self.mlp[0], w, self.tmp[0], s, then=then)
                 rmsnorm_add(self.tmp, self.h, layer.post_ff, eps, off)
             else:
-                self._gemv("down", self.mlp[0], w, h, s, accumulate=True)
+                self._gemv("down", self.mlp[0], w, h, s, accumulate=True, then=then)
         w, s = self.head_int8 or (self.head, None)
         self._gemv("head", h, w, self.logits[0], s, norm_w=self.final_norm, eps=eps, norm_offset=off,
-                   argmax=(self.amax, self.aidx) if greedy else None)
+                   argmax=(self.amax, self.aidx) if greedy else None, then=("qkv", layers[0].wqkv, None))
 
     def _layers_matmul(self) -> None:
         rmsnorm, rmsnorm_add, gated = self._k()

@@ -4,6 +4,9 @@
 
 For each variant: the step time of the captured graph (CUDA events, median of 200 replays) and, from an eager step
 under the profiler, the summed device time per kernel name (what each kind of launch costs, without launch gaps).
+With --timeline, instead of the eager step: when each kernel of the captured graph starts and ends within the step
+(profiled graph replays; a kernel launched early by programmatic dependent launch starts before its predecessor
+ends), summed per kernel kind and position in the layer, and the time no kernel ran.
 """
 
 from __future__ import annotations
@@ -36,7 +39,11 @@ VARIANTS = {
     "oproj64": dict(oproj_block_n=64),
     "oproj128 w8": dict(oproj_warps=8),
     "oproj256 w8": dict(oproj_block_n=256, oproj_warps=8),
-    "oproj h2": dict(oproj_heads=2),
+    "oproj h2": dict(oproj_heads=2),  # the default since 2026-12-04 (evening), where head_dim <= 128
+    # the default before: one head per combine + W_o program, a 144 KiB ring for the qkv GEMV too
+    "oproj h1 qkv144": dict(oproj_heads=1, stream_rings={"qkv": 144 * 1024}),
+    "oproj h2 attn bs64": dict(oproj_heads=2, attention_block_s=64),
+    "oproj h4 attn bs64": dict(oproj_heads=4, attention_block_s=64),
     "oproj h4": dict(oproj_heads=4),
     "oproj h8": dict(oproj_heads=8),
     "oproj64 h4": dict(oproj_block_n=64, oproj_heads=4),
@@ -69,7 +76,7 @@ VARIANTS = {
 
 def variant_knobs(variant: str) -> dict:
     """A variant's decoder knobs: from VARIANTS, or "stream [ringN] [chunkM] [downN ...]" (the bulk-copy GEMVs; sizes
-    in KiB; qkvN / gate_upN / downN / headN: that kind's ring)."""
+    in KiB; qkvN / gate_upN / downN / headN: that kind's ring, the others' as the default)."""
     if variant in VARIANTS:
         return dict(VARIANTS[variant])
     words = variant.split()
@@ -150,6 +157,65 @@ def profile(runner, steps=5) -> dict:
             for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
+def timeline(runner, reps=20) -> dict:
+    """The captured greedy step's kernels on one time line: per kind (the kernel name and its place among the
+    layer's launches), the mean time from the previous kernel's end to this one's end ("exposed": what this kernel
+    adds to the step), its mean duration, and the step's idle time (no kernel running)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    g, d = runner._greedy_graph, runner.decoder
+    saved = d.positions.clone(), d.slot.clone(), d.tokens.clone()
+
+    def replay():
+        d.positions.copy_(saved[0])
+        d.slot.copy_(saved[1])
+        d.tokens.copy_(saved[2])
+        g.replay()
+
+    for _ in range(3):
+        replay()
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(reps):
+            replay()
+            torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        p.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    kernels = [e for e in kernels if "elementwise" not in e["name"] and "copy" not in e["name"].lower()]
+    steps, cur = [], []
+    for e in kernels:  # a step starts at the embedding kernel
+        if "_embed_kernel" in e["name"] and cur:
+            steps.append(cur)
+            cur = []
+        cur.append(e)
+    steps.append(cur)
+    steps = [s for s in steps if len(s) == len(steps[-1])]
+    per_layer = (len(steps[0]) - 3) // len(d.layers)  # embed, layers, head, advance
+    exposed, duration, early = defaultdict(float), defaultdict(float), defaultdict(float)
+    idle = total = 0.0
+    for s in steps:
+        t0, prev_end, busy_until = s[0]["ts"], s[0]["ts"], s[0]["ts"]
+        for i, e in enumerate(s):
+            j = i - 1
+            place = j % per_layer if 0 <= j < per_layer * len(d.layers) else "-"
+            kind = f"{place} {e['name'].split('(')[0][:40]}"
+            end = e["ts"] + e["dur"]
+            exposed[kind] += (end - prev_end) / len(steps)
+            duration[kind] += e["dur"] / len(steps)
+            early[kind] += (prev_end - e["ts"]) / len(steps)  # how long before its predecessor ended it started
+            idle += max(0.0, e["ts"] - busy_until) / len(steps)
+            busy_until = max(busy_until, end)
+            prev_end = end
+        total += (prev_end - t0) / len(steps)
+    return {"steps": len(steps), "step_us": round(total, 1), "idle_us": round(idle, 1),
+            "kinds": {k: {"exposed_us": round(exposed[k], 1), "duration_us": round(duration[k], 1),
+                          "started_early_us": round(early[k], 1)} for k in sorted(exposed, key=lambda k: -exposed[k])}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("models", nargs="+")
@@ -158,6 +224,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens (the step measured is the first)")
     parser.add_argument("--new", type=int, default=256, help="new tokens the static cache has room for")
     parser.add_argument("--int8", action="store_true", help="weight-only int8 (backends/quantize.py)")
+    parser.add_argument("--timeline", action="store_true", help="the captured step's time line (see above)")
     args = parser.parse_args()
     results = []
     for name in args.models:
@@ -178,6 +245,15 @@ def main() -> None:
             try:
                 runner.start(cache, args.new)
                 step_ms = replay_ms(runner)
+                if args.timeline:
+                    line = timeline(runner)
+                    results.append({"model": name, "variant": variant, "graph_step_ms": round(step_ms, 4), **line})
+                    print(f"{name} {variant:26s} graph step {step_ms * 1e3:7.1f} us  profiled {line['step_us']} us"
+                          f"  idle {line['idle_us']} us", flush=True)
+                    for k, v2 in line["kinds"].items():
+                        print(f"    exposed {v2['exposed_us']:7.1f}  dur {v2['duration_us']:7.1f}  early "
+                              f"{v2['started_early_us']:6.1f}  {k}", flush=True)
+                    continue
                 kernels = profile(runner)
             except Exception as e:
                 print(json.dumps({"model": name, "variant": variant, "error": f"{type(e).__name__}: {e}"[:400]}))

@@ -113,6 +113,8 @@ def test_rope_attention_matches_rope_then_attention(dtype, window, group, qk_nor
     old_k, old_v = rand(b, hk, s, d, dtype=dtype, seed=43), rand(b, hk, s, d, dtype=dtype, seed=44)
     kc1, vc1, kc2, vc2 = old_k.clone(), old_v.clone(), old_k.clone(), old_v.clone()
     attn = attention.RopeAttention(b, hq, hk, d, s, DEVICE, block_s=16)
+    for ws in (attn.m, attn.l, attn.acc):  # chunks past the new slot write nothing: what is there must not count
+        ws.fill_(float("nan"))
     attn.rope_attention(qkv, pos, inv_freq(d), 1.0, kc1, vc1, start, slot, d ** -0.5, window, qn, kn, 1e-6, 0.0)
     out1 = attn.combine(torch.empty(b, hq, d, dtype=dtype, device=DEVICE))
     q = torch.empty(b, hq, d, dtype=dtype, device=DEVICE)
@@ -128,6 +130,8 @@ def test_rope_attention_matches_rope_then_attention(dtype, window, group, qk_nor
 
     # batch 1: the combine folded into the output projection, accumulated into an fp32 residual
     attn1 = attention.RopeAttention(1, hq, hk, d, s, DEVICE, block_s=16)
+    for ws in (attn1.m, attn1.l, attn1.acc):
+        ws.fill_(float("nan"))
     kc3, vc3 = old_k[:1].clone(), old_v[:1].clone()
     attn1.rope_attention(qkv[:1], pos[:1], inv_freq(d), 1.0, kc3, vc3, start[:1], slot, d ** -0.5, window, qn, kn,
                          1e-6, 0.0)

@@ -55,14 +55,14 @@ def _pv(p, v, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _attn_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, n_chunks, stride_ob, stride_oh, n_heads,
-                         D: tl.constexpr, CHUNKS_P2: tl.constexpr, USE_PDL: tl.constexpr):
+def _attn_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, slot_ptr, n_chunks, stride_ob, stride_oh, n_heads,
+                         D: tl.constexpr, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     pdl_prologue(USE_PDL)
-    pdl_wait(USE_PDL)
     c = tl.arange(0, CHUNKS_P2)
-    cmask = c < n_chunks
+    cmask = (c < n_chunks) & (c * CHUNK <= tl.load(slot_ptr))  # chunks past the new slot wrote nothing
+    pdl_wait(USE_PDL)
     d = tl.arange(0, D)
     row = (b * n_heads + h) * n_chunks + c
     m = tl.load(m_ptr + row, mask=cmask, other=float("-inf"))
@@ -91,6 +91,7 @@ class DecodeAttention:
         self.m = torch.empty(batch * q_heads * self.n_chunks, dtype=torch.float32, device=device)
         self.l = torch.empty_like(self.m)
         self.acc = torch.empty(batch * q_heads * self.n_chunks * head_dim, dtype=torch.float32, device=device)
+        self.slot = None  # the cache slot of the last pass 1 (`rope_attention`): the chunks past it wrote nothing
         self.shape = (batch, q_heads, kv_heads, head_dim)
 
 
@@ -224,6 +225,8 @@ def _rope_attn_partial_kernel(
     i = tl.arange(0, HALF)
     heads = kvh * GROUP + g
     cur = tl.load(slot_ptr)
+    if chunk * CHUNK > cur:  # no valid slot: nothing to write (the combine skips these chunks)
+        return
     lo = tl.load(start_ptr + b)
     if window > 0:
         lo = tl.maximum(lo, cur - window + 1)
@@ -237,6 +240,9 @@ def _rope_attn_partial_kernel(
     pdl_wait(USE_PDL)
     row = qkv_ptr + b * stride_qkv
     q1, q2 = _rope_query(row, heads, gmask, qn_ptr, eps, norm_offset, c, s, scale, kc_ptr, HAS_QK_NORM, HALF)
+    # the new key and value in every program, loaded with the query (one round trip after the wait, not two in the
+    # program that holds the new slot, the one the next kernel waits for)
+    k1, k2, v1, v2 = _rope_new_kv(row, kvh, HQ, HK, kn_ptr, eps, norm_offset, c, s, kc_ptr, HAS_QK_NORM, HALF)
     m_i = tl.full([GROUP_P2], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_P2], tl.float32)
     acc1 = tl.zeros([GROUP_P2, HALF], tl.float32)
@@ -250,7 +256,6 @@ def _rope_attn_partial_kernel(
             ka, kb, va, vb = _kv_block(kc_ptr, vc_ptr, base, sl, smask, stride_cs, HALF)
         m_i, l_i, acc1, acc2 = _attend_block(q1, q2, ka, kb, va, vb, smask, m_i, l_i, acc1, acc2, USE_DOT, IEEE)
     if (cur >= chunk * CHUNK) & (cur < (chunk + 1) * CHUNK):
-        k1, k2, v1, v2 = _rope_new_kv(row, kvh, HQ, HK, kn_ptr, eps, norm_offset, c, s, kc_ptr, HAS_QK_NORM, HALF)
         _store_new_kv(kc_ptr, vc_ptr, base + cur * stride_cs, k1, k2, v1, v2, HALF)
         m_i, l_i, acc1, acc2 = _attend_new(q1, q2, k1, k2, v1, v2, m_i, l_i, acc1, acc2)
     out = (b * HQ + heads) * n_chunks + chunk
@@ -261,9 +266,9 @@ def _rope_attn_partial_kernel(
 
 
 @triton.jit
-def _combine_oproj_kernel(m_ptr, l_ptr, acc_ptr, w_ptr, ws_ptr, o_like_ptr, h_ptr, N, n_chunks, stride_w,
-                          D: tl.constexpr, CHUNKS_P2: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr,
-                          SCALED: tl.constexpr, FAST_I8: tl.constexpr, USE_PDL: tl.constexpr):
+def _combine_oproj_kernel(m_ptr, l_ptr, acc_ptr, w_ptr, ws_ptr, o_like_ptr, h_ptr, slot_ptr, N, n_chunks, stride_w,
+                          D: tl.constexpr, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+                          HEADS: tl.constexpr, SCALED: tl.constexpr, FAST_I8: tl.constexpr, USE_PDL: tl.constexpr):
     """Batch 1: pass 2 fused with the output projection. Program (row block, group of HEADS heads) combines each
     head's chunks into o_h and adds W_o[rows, the group's columns] . o to the fp32 residual atomically (split-K over
     head groups: HEADS > 1 means fewer atomic additions to the same address). SCALED: W_o is int8 rows with fp32
@@ -277,9 +282,9 @@ def _combine_oproj_kernel(m_ptr, l_ptr, acc_ptr, w_ptr, ws_ptr, o_like_ptr, h_pt
     # w: [BLOCK_N, HEADS, D], the weights never depend on the previous kernel: in flight while it finishes
     w = tl.load(w_ptr + rn[:, None, None] * stride_w + (head0 + hh)[None, :, None] * D + d[None, None, :],
                 mask=(rn < N)[:, None, None], other=0.0)
-    pdl_wait(USE_PDL)
     c = tl.arange(0, CHUNKS_P2)
-    cmask = (c < n_chunks)[None, :]
+    cmask = ((c < n_chunks) & (c * CHUNK <= tl.load(slot_ptr)))[None, :]  # chunks past the new slot wrote nothing
+    pdl_wait(USE_PDL)
     row = (head0 + hh)[:, None] * n_chunks + c[None, :]  # [HEADS, CHUNKS_P2]
     m = tl.load(m_ptr + row, mask=cmask, other=float("-inf"))
     l = tl.load(l_ptr + row, mask=cmask, other=0.0)
@@ -305,6 +310,7 @@ class RopeAttention(DecodeAttention):
                        q_norm, k_norm, eps, norm_offset, pdl=False):
         b, hq, hk, d = self.shape
         has_norm = q_norm is not None
+        self.slot = slot  # the combine reads it too: which chunks wrote partials
         _rope_attn_partial_kernel[(b, hk, self.n_chunks)](
             qkv, positions, inv_freq, rope_scaling, q_norm if has_norm else qkv, k_norm if has_norm else qkv, eps,
             norm_offset, k_cache, v_cache, start, slot, self.m, self.l, self.acc, window, scale, hq, hk,
@@ -315,9 +321,10 @@ class RopeAttention(DecodeAttention):
 
     def combine(self, out, pdl=False):
         b, hq, _, d = self.shape
-        _attn_combine_kernel[(b, hq)](self.m, self.l, self.acc, out, self.n_chunks, out.stride(0), out.stride(1), hq,
-                                      D=d, CHUNKS_P2=triton.next_power_of_2(self.n_chunks), USE_PDL=pdl,
-                                      num_warps=4, **launch_options(pdl))
+        _attn_combine_kernel[(b, hq)](self.m, self.l, self.acc, out, self.slot, self.n_chunks, out.stride(0),
+                                      out.stride(1), hq, D=d, CHUNKS_P2=triton.next_power_of_2(self.n_chunks),
+                                      CHUNK=self.block_s * self.blocks_per_chunk, USE_PDL=pdl, num_warps=4,
+                                      **launch_options(pdl))
         return out
 
     def combine_oproj_(self, wo, h, pdl=False, block_n=64, num_warps=4, heads=1, scale=None, o_like=None):
@@ -331,7 +338,8 @@ class RopeAttention(DecodeAttention):
         while hq % heads:
             heads //= 2
         _combine_oproj_kernel[(triton.cdiv(n, block_n), hq // heads)](
-            self.m, self.l, self.acc, wo, scale if scale is not None else h, wo if o_like is None else o_like, h, n,
-            self.n_chunks, wo.stride(0), D=d, CHUNKS_P2=triton.next_power_of_2(self.n_chunks), BLOCK_N=block_n,
+            self.m, self.l, self.acc, wo, scale if scale is not None else h, wo if o_like is None else o_like, h,
+            self.slot, n, self.n_chunks, wo.stride(0), D=d, CHUNKS_P2=triton.next_power_of_2(self.n_chunks),
+            CHUNK=self.block_s * self.blocks_per_chunk, BLOCK_N=block_n,
             HEADS=heads, SCALED=scale is not None, FAST_I8=scale is not None and fast_int8(wo.device), USE_PDL=pdl,
             num_warps=num_warps, **launch_options(pdl))
