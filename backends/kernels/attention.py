@@ -9,12 +9,14 @@ Grouped-query attention: the program for kv head h serves its Hq/Hk query heads,
 Pass 1 (program per sequence, kv head and chunk of slots) applies the q/k norms and RoPE itself, writes the new k and v
 into the cache, and writes each chunk's running max, sum and weighted values; pass 2 combines the chunks, or for
 batch 1 combines them inside the output projection. Slots outside a sequence's valid range are masked (their loads
-fetch nothing). Measured on an H100: a single program per kv head looping over the whole cache was slower (too few
-programs), and folding RoPE and the combine into neighbouring launches cost the same as separate launches under
-programmatic dependent launch, but leaves fewer kernels to maintain. On an H200 (commit 09c79ff), one launch per layer
-doing RoPE, cache write, attention and W_o (every row block of W_o attending over the whole cache) was no faster
-than these two launches with one slot in use (841.8 vs 840.4 us per Llama-3.2-1B step) and slower with more
-(904.5 vs 826.2 us at 64 slots): the step is bound by its chain of dependent memory round trips, not by launches.
+fetch nothing); programs whose chunk starts past the new slot exit at once, and the combine skips their chunks.
+Every program loads the new key and value with its query, so the one that holds the new slot (the one the next
+kernel waits for) has one memory round trip after its wait, not two. Measured on an H100: a single program per kv
+head looping over the whole cache was slower (too few programs), and folding RoPE and the combine into neighbouring
+launches cost the same as separate launches under programmatic dependent launch, but leaves fewer kernels to
+maintain. On an H200 (commit 09c79ff), one launch per layer doing RoPE, cache write, attention and W_o (every row
+block of W_o attending over the whole cache) was no faster than these two launches with one slot in use (841.8 vs
+840.4 us per Llama-3.2-1B step) and slower with more (904.5 vs 826.2 us at 64 slots): the step is bound by its chain of dependent memory round trips, not by launches.
 """
 
 from __future__ import annotations
