@@ -107,16 +107,12 @@ class FastDecoder:
         # `gemv.gemv` everywhere
         self.gemv_impl = "triton"  # "stream" below, for 2-byte weights on a GPU that takes it
         self.stream_chunk_bytes, self.stream_ring_bytes = stream_gemv.CHUNK_BYTES, stream_gemv.RING_BYTES
-        self.stream_rings: dict[str, int] = {}  # per GEMV kind, a ring size other than stream_ring_bytes
-        # L2 prefetches of the stream GEMVs (stream_gemv.cu's header): per kind, bytes per program past the first
-        # ring asked for at the start; and the kinds whose producer, once its weights are on their way, prefetches
-        # the first ring of the GEMV that comes next (qkv -> gate_up -> down -> next layer's qkv or the head; the
-        # head -> layer 0's qkv)
-        self.stream_ahead: dict[str, int] = {}
-        self.stream_then: set[str] = set()
+        self.stream_rings: dict[str, int] = {}  # per GEMV kind, a ring other than `_ring`'s
         # Measured on an H100 (benchmarks/gpu_profile.py): 32-slot blocks with 8 warps for pass 1 of the attention,
-        # 128-row programs for the combine + output projection.
-        self.oproj_block_n, self.oproj_warps, self.oproj_heads = 128, 4, 1
+        # 128-row programs for the combine + output projection; on an H200 with the stream GEMVs, two heads per
+        # program (-17 us per Qwen3-1.7B step, Llama-3.2-1B unchanged), where the weight tile stays in registers
+        # (head_dim <= 128)
+        self.oproj_block_n, self.oproj_warps, self.oproj_heads = 128, 4, 2  # heads: 1 where head_dim > 128 (below)
         self.attention_block_s, self.attention_warps = 32, 8
         inner = model.model
         self.dtype = inner.embed_tokens.weight.dtype
@@ -128,6 +124,8 @@ class FastDecoder:
         self.act = "gelu_tanh" if "gelu" in act else "silu"
         self.hq, self.hk = config.num_attention_heads, config.num_key_value_heads
         self.d = getattr(config, "head_dim", None) or config.hidden_size // self.hq
+        if self.d > 128:
+            self.oproj_heads = 1
         self.scale = (config.query_pre_attn_scalar ** -0.5) if self.gemma else self.d ** -0.5
         self.embed = inner.embed_tokens.weight
         self.embed_scale = float(inner.embed_tokens.embed_scale.to(self.dtype)) if self.gemma else 1.0
@@ -267,20 +265,28 @@ class FastDecoder:
                 or w.dtype not in (torch.bfloat16, torch.float16)):
             return None
         return stream_gemv.plan(*w.shape, gated, stream_gemv.sms(w.device), self.stream_chunk_bytes,
-                                self.stream_rings.get(kind, self.stream_ring_bytes))
+                                self._ring(kind, w, gated))
 
-    def _gemv(self, kind, x, w, out, s=None, *, up=None, us=None, then=None, **kw) -> None:
+    def _ring(self, kind: str | None, w: torch.Tensor, gated: bool) -> int:
+        """The stream GEMV's ring for `kind`: as `stream_rings` says, else stream_ring_bytes, except qkv's, which
+        holds half of a program's rows, so that its programs fit on an SM beside the down projection's and start
+        copying before that one ends (H200, BENCHMARKS.md: the best of 48-144 KiB for both presets; with
+        oproj_heads=2, -33 us per Qwen3-1.7B step)."""
+        if kind in self.stream_rings:
+            return self.stream_rings[kind]
+        if kind == "qkv":
+            p = stream_gemv.plan(*w.shape, gated, stream_gemv.sms(w.device), self.stream_chunk_bytes,
+                                 self.stream_ring_bytes)
+            if p is not None:
+                return p.rows_per_cta * w.shape[1] * w.element_size() // 2
+        return self.stream_ring_bytes
+
+    def _gemv(self, kind, x, w, out, s=None, *, up=None, us=None, **kw) -> None:
         """One batch-1 GEMV of `kind` (qkv, o, gate_up, down, head; the other arguments as `gemv.gemv`'s), through
-        `stream_gemv` where it applies. `then` = (kind, w, up or None): the GEMV that comes next (for the L2
-        prefetch of `stream_then`)."""
+        `stream_gemv` where it applies."""
         if s is None and self._stream_plan(w, up is not None) is not None:
-            nxt = None
-            if then is not None and kind in self.stream_then:
-                plan = self._stream_plan(then[1], then[2] is not None, then[0])
-                nxt = (then[1], then[2], plan) if plan is not None else None
             stream_gemv.stream_gemv(x, w, out, up=up, pdl=self.pdl, chunk_bytes=self.stream_chunk_bytes,
-                                    ring_bytes=self.stream_rings.get(kind, self.stream_ring_bytes),
-                                    ahead_bytes=self.stream_ahead.get(kind, 0), then=nxt, **kw)
+                                    ring_bytes=self._ring(kind, w, up is not None), **kw)
         else:
             gemv.gemv(x, w, out, config=self.gemv_configs.get(kind), scale=s, up=up, up_scale=us,
                       prefetch=self.prefetch, preload=self.preload, trigger=self.trigger, pdl=self.pdl, **kw)
@@ -288,11 +294,9 @@ class FastDecoder:
     def _layers_gemv(self, greedy: bool = False) -> None:
         rmsnorm_add = norms.rmsnorm_add_
         h, o, eps, off = self.h[0], self.o.view(-1), self.eps, self.offset
-        layers = self.layers
-        for i, layer in enumerate(layers):
+        for i, layer in enumerate(self.layers):
             w, s = _weight(layer, "qkv")
-            self._gemv("qkv", h, w, self.qkv[0], s, norm_w=layer.ln1, eps=eps, norm_offset=off,
-                       then=("gate_up", layer.wg, layer.wu))
+            self._gemv("qkv", h, w, self.qkv[0], s, norm_w=layer.ln1, eps=eps, norm_offset=off)
             self._attend(i, layer, combine=self.gemma)
             w, s = _weight(layer, "o")
             if self.gemma:
@@ -303,17 +307,16 @@ class FastDecoder:
                                               self.oproj_heads, scale=s, o_like=self.o)
             (w, s), (u, us) = _weight(layer, "g"), _weight(layer, "u")
             self._gemv("gate_up", h, w, self.mlp[0], s, norm_w=layer.ln2, eps=eps, norm_offset=off, up=u, us=us,
-                       act=self.act, then=("down", layer.wd, None))
+                       act=self.act)
             w, s = _weight(layer, "d")
-            then = ("qkv", layers[i + 1].wqkv, None) if i + 1 < len(layers) else ("head", self.head, None)
             if self.gemma:
-                self._gemv("down", self.mlp[0], w, self.tmp[0], s, then=then)
+                self._gemv("down", self.mlp[0], w, self.tmp[0], s)
                 rmsnorm_add(self.tmp, self.h, layer.post_ff, eps, off)
             else:
-                self._gemv("down", self.mlp[0], w, h, s, accumulate=True, then=then)
+                self._gemv("down", self.mlp[0], w, h, s, accumulate=True)
         w, s = self.head_int8 or (self.head, None)
         self._gemv("head", h, w, self.logits[0], s, norm_w=self.final_norm, eps=eps, norm_offset=off,
-                   argmax=(self.amax, self.aidx) if greedy else None, then=("qkv", layers[0].wqkv, None))
+                   argmax=(self.amax, self.aidx) if greedy else None)
 
     def _layers_matmul(self) -> None:
         rmsnorm, rmsnorm_add, gated = self._k()

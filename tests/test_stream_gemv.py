@@ -94,6 +94,27 @@ def test_decoder_picks_the_stream_gemvs_for_two_byte_weights_where_available(tin
     assert FastDecoder(loaded.model, kernels="triton", int8=q).gemv_impl == "triton"
 
 
+def test_decoder_rings_and_combine_heads(tiny_model, monkeypatch):
+    """The qkv GEMV's ring holds half of a program's rows (48 KiB for Llama-3.2-1B's 3072 x 2048 on 132 SMs, 64 KiB
+    for Qwen3-1.7B's 4096 x 2048); the others take stream_ring_bytes; `stream_rings` overrides both."""
+    from backends.llama_fast import FastDecoder
+    from portable import models
+
+    loaded = models.load(models.resolve(str(tiny_model("llama"))), "bf16", "cpu")
+    d = FastDecoder(loaded.model, kernels="triton")
+    monkeypatch.setattr(stream_gemv, "sms", lambda device: 132)
+    llama, qwen = torch.empty(3072, 2048, dtype=torch.bfloat16), torch.empty(4096, 2048, dtype=torch.bfloat16)
+    assert d._ring("qkv", llama, False) == 48 * 1024
+    assert d._ring("qkv", qwen, False) == 64 * 1024
+    assert d._ring("gate_up", qwen, True) == d._ring("down", qwen, False) == stream_gemv.RING_BYTES
+    d.stream_rings = {"qkv": 96 * 1024}
+    assert d._ring("qkv", llama, False) == 96 * 1024
+    # two heads per combine + W_o program, one where the weight tile would not stay in registers (head_dim > 128)
+    assert d.oproj_heads == 2
+    loaded.model.config.head_dim = 256
+    assert FastDecoder(loaded.model, kernels="triton").oproj_heads == 1
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or stream_gemv.available(torch.device("cuda")) is not None,
                          reason="needs an NVIDIA sm_90+ GPU with NVRTC")
 
