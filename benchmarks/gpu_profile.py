@@ -109,15 +109,23 @@ def widen_i2f(on: bool) -> None:
     gemv.fast_int8 = attention.fast_int8 = (lambda device: False) if on else fast_int8
 
 
+def restorer(decoder, names=("positions", "slot")):
+    """A function that puts the decoder's `names` buffers back as they are now, so that every measured step runs at
+    the same cache slot (the prompt's end) and the slots in use stay `--prompt`."""
+    saved = [(getattr(decoder, n), getattr(decoder, n).clone()) for n in names]
+
+    def restore():
+        for buf, value in saved:
+            buf.copy_(value)
+    return restore
+
+
 def replay_ms(runner, reps=200) -> float:
-    """Median time of one replay, every replay at the same cache slot (the prompt's end): each one's position and
-    slot are put back before it (outside the timed events), so the slots in use stay `--prompt`."""
-    g, d = runner._graph, runner.decoder
-    saved = d.positions.clone(), d.slot.clone()
+    """Median time of one replay, every replay at the same cache slot (put back outside the timed events)."""
+    g, restore = runner._graph, restorer(runner.decoder)
     times = []
     for _ in range(reps):
-        d.positions.copy_(saved[0])
-        d.slot.copy_(saved[1])
+        restore()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         g.replay()
@@ -131,11 +139,10 @@ def profile(runner, steps=5) -> dict:
     d = runner.decoder
     from torch.profiler import ProfilerActivity, profile as prof
 
-    saved = d.positions.clone(), d.slot.clone()
+    restore = restorer(d)
 
     def step():
-        d.positions.copy_(saved[0])
-        d.slot.copy_(saved[1])
+        restore()
         d.step()
 
     for _ in range(2):
@@ -166,12 +173,10 @@ def timeline(runner, reps=20) -> dict:
     from torch.profiler import ProfilerActivity, profile as prof
 
     g, d = runner._greedy_graph, runner.decoder
-    saved = d.positions.clone(), d.slot.clone(), d.tokens.clone()
+    restore = restorer(d, ("positions", "slot", "tokens"))  # the greedy step also feeds its pick back
 
     def replay():
-        d.positions.copy_(saved[0])
-        d.slot.copy_(saved[1])
-        d.tokens.copy_(saved[2])
+        restore()
         g.replay()
 
     for _ in range(3):
