@@ -9,7 +9,8 @@
 //
 //   y[n] = sum_k W[n, k] x'[k]                 x' = x * (norm_w + NORM_OFFSET) when HAS_NORM; y *= rstd(x)
 //   GATED: y = act(W . x') * (U . x')          ACT 0 = silu, 1 = gelu_tanh
-//   OUT_KIND 0: out fp32 = y; 1: out bf16 = y; 2: out fp16 = y; 3: out fp32 += y (each row has one owner: no atomics)
+//   OUT_KIND 0: out fp32 = y; 1: out bf16 = y; 2: out fp16 = y; 3: out fp32 += y (each row has one
+//   owner, so one reduction per element: the same sum as a load and store, without waiting for the load)
 //   ARGMAX: each program also writes its largest output and the first row holding it (NaN counts as the largest)
 //
 // Compile-time constants (-D): K, WT_BF16 (weights bf16, else fp16), X_KIND (0 fp32, 1 bf16, 2 fp16), HAS_NORM,
@@ -274,7 +275,7 @@ stream_gemv(const u16* __restrict__ w, const u16* __restrict__ u, const void* __
 #elif OUT_KIND == 2
         u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(y)); ((u16*)out)[n] = h;
 #else
-        ((float*)out)[n] += y;
+        atomicAdd((float*)out + n, y);  // result unused: a fire-and-forget red.global.add (subnormal sums flush)
 #endif
 #if ARGMAX
         const float v = (y != y) ? __int_as_float(0x7f800000) : y;  // NaN counts as the largest, as in torch.argmax
