@@ -2,7 +2,8 @@
 
     python benchmarks/gpu_profile.py llama-3.2-1b --out profile.json
 
-For each variant: the step time of the captured graph (CUDA events, median of 200 replays) and, from an eager step
+For each variant: the step time of the captured graph (CUDA events, median of 200 replays, each launched on an idle
+GPU), the time per step of 64 greedy steps back to back (as the decode loop replays them) and, from an eager step
 under the profiler, the summed device time per kernel name (what each kind of launch costs, without launch gaps).
 With --timeline, instead of the eager step: when each kernel of the captured graph starts and ends within the step
 (profiled graph replays; a kernel launched early by programmatic dependent launch starts before its predecessor
@@ -135,6 +136,45 @@ def replay_ms(runner, reps=200) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def greedy_ms(runner, steps=64, reps=7) -> float:
+    """Median time per step of `steps` greedy steps back to back, replayed as `greedy_steps` replays them (the
+    one-step graph), every repetition from the same slot; what a decode loop that reads tokens back every `steps`
+    steps gets, less the read-back and the first launch."""
+    d = runner.decoder
+    restore, slot = restorer(d, ("positions", "slot", "tokens")), runner._slot
+    times = []
+    for _ in range(reps):
+        restore()
+        runner._slot = slot
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        a.record()
+        runner.greedy_steps(d.tokens, steps)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / steps)
+    restore()
+    runner._slot = slot
+    return sorted(times)[len(times) // 2]
+
+
+def context_curve(runner, steps, chunk=16) -> list[float]:
+    """Time per step (µs) of each run of `chunk` greedy steps in `steps` steps back to back from the prompt's end
+    (events between the chunks, on the GPU's time line): how the step time grows with the slots in use."""
+    d = runner.decoder
+    restore, slot = restorer(d, ("positions", "slot", "tokens")), runner._slot
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps // chunk + 1)]
+    torch.cuda.synchronize()
+    events[0].record()
+    for e in events[1:]:
+        runner.greedy_steps(d.tokens, chunk)
+        e.record()
+    events[-1].synchronize()
+    restore()
+    runner._slot = slot
+    return [round(a.elapsed_time(b) * 1e3 / chunk, 1) for a, b in zip(events, events[1:])]
+
+
 def profile(runner, steps=5) -> dict:
     d = runner.decoder
     from torch.profiler import ProfilerActivity, profile as prof
@@ -227,9 +267,11 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("gpu_profile.json"))
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens (the step measured is the first)")
-    parser.add_argument("--new", type=int, default=256, help="new tokens the static cache has room for")
+    parser.add_argument("--new", default="256", help="new tokens the static cache has room for (a comma list: each)")
     parser.add_argument("--int8", action="store_true", help="weight-only int8 (backends/quantize.py)")
     parser.add_argument("--timeline", action="store_true", help="the captured step's time line (see above)")
+    parser.add_argument("--curve", type=int, metavar="STEPS", help="instead of a profile: the time per step of each "
+                        "16 greedy steps in STEPS steps from the prompt's end (how it grows with the slots in use)")
     args = parser.parse_args()
     results = []
     for name in args.models:
@@ -238,7 +280,7 @@ def main() -> None:
         hf = HFRunner(loaded, backend="cuda", precision="bf16", device=torch.device("cuda"))
         ids = torch.randint(10, 1000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
         cache = hf.prefill(ids, torch.ones_like(ids))
-        for variant in args.variants.split(","):
+        for new, variant in [(int(n), v) for n in args.new.split(",") for v in args.variants.split(",")]:
             v = variant_knobs(variant)
             runner = FastRunner(loaded, backend="cuda", config=RunConfig(kernels="triton"), device=torch.device("cuda"),
                                 int8=int8)
@@ -248,13 +290,21 @@ def main() -> None:
             for knob, value in v.items():
                 setattr(runner.decoder, knob, value)
             try:
-                runner.start(cache, args.new)
-                step_ms = replay_ms(runner)
+                runner.start(cache, new)
+                if args.curve:
+                    curve = context_curve(runner, args.curve)
+                    results.append({"model": name, "variant": variant, "prompt": args.prompt, "new": new,
+                                    "slots": runner.decoder.shape[1], "curve_us": curve})
+                    print(f"{name} {variant:26s} prompt {args.prompt} slots {runner.decoder.shape[1]}: per step, "
+                          f"each 16 steps (us): {' '.join(f'{t:.1f}' for t in curve)}", flush=True)
+                    continue
+                step_ms, steady = replay_ms(runner), greedy_ms(runner)
                 if args.timeline:
                     line = timeline(runner)
-                    results.append({"model": name, "variant": variant, "graph_step_ms": round(step_ms, 4), **line})
-                    print(f"{name} {variant:26s} graph step {step_ms * 1e3:7.1f} us  profiled {line['step_us']} us"
-                          f"  idle {line['idle_us']} us", flush=True)
+                    results.append({"model": name, "variant": variant, "graph_step_ms": round(step_ms, 4),
+                                    "greedy_step_ms": round(steady, 4), **line})
+                    print(f"{name} {variant:26s} graph step {step_ms * 1e3:7.1f} us  greedy {steady * 1e3:7.1f} us"
+                          f"  profiled {line['step_us']} us  idle {line['idle_us']} us", flush=True)
                     for k, v2 in line["kinds"].items():
                         print(f"    exposed {v2['exposed_us']:7.1f}  dur {v2['duration_us']:7.1f}  early "
                               f"{v2['started_early_us']:6.1f}  {k}", flush=True)
@@ -264,11 +314,12 @@ def main() -> None:
                 print(json.dumps({"model": name, "variant": variant, "error": f"{type(e).__name__}: {e}"[:400]}))
                 continue
             total = sum(k["us_per_step"] for k in kernels.values())
-            row = {"model": name, "variant": variant, "int8": args.int8, "prompt": args.prompt, "new": args.new,
-                   "graph_step_ms": round(step_ms, 4),
+            row = {"model": name, "variant": variant, "int8": args.int8, "prompt": args.prompt, "new": new,
+                   "graph_step_ms": round(step_ms, 4), "greedy_step_ms": round(steady, 4),
                    "kernel_sum_us": round(total, 1), "kernels": kernels}
             results.append(row)
-            print(f"{name} {variant:26s} graph step {step_ms * 1e3:7.1f} us  kernels {total:7.1f} us", flush=True)
+            print(f"{name} {variant:26s} graph step {step_ms * 1e3:7.1f} us  greedy {steady * 1e3:7.1f} us  kernels "
+                  f"{total:7.1f} us", flush=True)
             for k, v2 in list(kernels.items())[:8]:
                 print(f"    {v2['us_per_step']:7.1f} us  x{v2['launches_per_step']:3d}  {k}", flush=True)
             del runner
