@@ -102,7 +102,7 @@ class FastRunner:
         return {"kind": "llama-fast-decode", "model_type": c.model_type, "hidden": c.hidden_size,
                 "layers": len(d.layers), "heads": [d.hq, d.hk, d.d], "mlp": d.layers[0].wg.shape[0],
                 "vocab": d.head.shape[0], "windows": sorted({layer.window for layer in d.layers}),
-                "dtype": str(d.dtype), "batch": d.shape[0], "chunks_p2": triton.next_power_of_2(d.attention.n_chunks),
+                "dtype": str(d.dtype), "batch": d.shape[0], "chunks_p2": d.attention.chunks_p2,
                 "kernels": d.kernels, "gemv": d.gemv_impl, "pdl": d.pdl, "weights": d.weights,
                 "gpu": torch.cuda.get_device_name(self._device),
                 "capability": list(torch.cuda.get_device_capability(self._device)), "triton": triton.__version__,

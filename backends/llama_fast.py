@@ -126,6 +126,10 @@ class FastDecoder:
         self.d = getattr(config, "head_dim", None) or config.hidden_size // self.hq
         if self.d > 128:
             self.oproj_heads = 1
+        # the combines' chunk axis at least this long (DecodeAttention.chunks_p2). H200, tg128's 130 slots: 16 for
+        # head_dim 128 (Qwen3-1.7B: -30 us per step once more than 64 slots are in use, 911 -> 926 tok/s; 32 was
+        # slower than 16); head_dim 64 (Llama-3.2-1B) was 1-2 us slower with 16, so it keeps the shortest axis
+        self.attention_min_chunks_p2 = 16 if self.d >= 128 else 1
         self.scale = (config.query_pre_attn_scalar ** -0.5) if self.gemma else self.d ** -0.5
         self.embed = inner.embed_tokens.weight
         self.embed_scale = float(inner.embed_tokens.embed_scale.to(self.dtype)) if self.gemma else 1.0
@@ -187,7 +191,8 @@ class FastDecoder:
         self.amax = torch.zeros(blocks, dtype=torch.float32, device=dev)
         self.aidx = torch.zeros(blocks, dtype=torch.int32, device=dev)
         self.attention = attention.RopeAttention(batch, self.hq, self.hk, self.d, slots, dev,
-                                                 block_s=self.attention_block_s)
+                                                 block_s=self.attention_block_s,
+                                                 min_chunks_p2=self.attention_min_chunks_p2)
         self.attention.num_warps = self.attention_warps
         self.shape = (batch, slots)
 

@@ -57,6 +57,8 @@ VARIANTS = {
                                     "qkv": GemvConfig(8, 1024, 1, 8, 5, True)}),
     "trigger last": dict(trigger="last"),
     "attn w4": dict(attention_warps=4),
+    "p2min16": dict(attention_min_chunks_p2=16),  # the combines' chunk axis at least 16 long
+    "p2min32": dict(attention_min_chunks_p2=32),
     "attn bs64": dict(attention_block_s=64),
     # with --int8: the dense defaults' tiles (the same columns, half the bytes) instead of the int8 defaults
     "dense tiles": {"_dense": True},

@@ -143,6 +143,14 @@ def test_rope_attention_matches_rope_then_attention(dtype, window, group, qk_nor
         h3 = h1.clone()
         attn1.combine_oproj_(wo, h3, block_n=16, heads=heads)
         assert rel_err(h3, h2) < TOL[dtype] * 3
+    # a chunk axis longer than the chunks (min_chunks_p2): the lanes past them are masked, in both combines
+    wide = attention.RopeAttention(1, hq, hk, d, s, DEVICE, block_s=16, min_chunks_p2=16)
+    assert (attn1.chunks_p2, wide.chunks_p2) == (4, 16)
+    wide.m, wide.l, wide.acc, wide.slot = attn1.m, attn1.l, attn1.acc, attn1.slot
+    h6 = h1.clone()
+    wide.combine_oproj_(wo, h6, block_n=16, heads=2)
+    assert rel_err(h6, h2) < TOL[dtype] * 3
+    assert torch.equal(wide.combine(torch.empty_like(out1[:1])), attn1.combine(torch.empty_like(out1[:1])))
     # int8 W_o rows with their scales: as the dequantized weights (o still rounded to the model's dtype)
     q8, s8 = quantize.quantize_rows(wo)
     h4, h5 = h1.clone(), h1.clone()

@@ -96,7 +96,8 @@ def test_decoder_picks_the_stream_gemvs_for_two_byte_weights_where_available(tin
 
 def test_decoder_rings_and_combine_heads(tiny_model, monkeypatch):
     """The qkv GEMV's ring holds half of a program's rows (48 KiB for Llama-3.2-1B's 3072 x 2048 on 132 SMs, 64 KiB
-    for Qwen3-1.7B's 4096 x 2048); the others take stream_ring_bytes; `stream_rings` overrides both."""
+    for Qwen3-1.7B's 4096 x 2048); the others take stream_ring_bytes; `stream_rings` overrides both. The combine
+    choices follow head_dim."""
     from backends.llama_fast import FastDecoder
     from portable import models
 
@@ -113,6 +114,9 @@ def test_decoder_rings_and_combine_heads(tiny_model, monkeypatch):
     assert d.oproj_heads == 2
     loaded.model.config.head_dim = 256
     assert FastDecoder(loaded.model, kernels="triton").oproj_heads == 1
+    # the combines' chunk axis: at least 16 long for head_dim >= 128 (Qwen3-1.7B), the shortest below (Llama-3.2-1B)
+    assert d.attention_min_chunks_p2 == 1
+    assert FastDecoder(loaded.model, kernels="triton").attention_min_chunks_p2 == 16
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or stream_gemv.available(torch.device("cuda")) is not None,

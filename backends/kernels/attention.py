@@ -82,7 +82,7 @@ class DecodeAttention:
     be captured in a CUDA graph. `RopeAttention` below adds the launches."""
 
     def __init__(self, batch: int, q_heads: int, kv_heads: int, head_dim: int, max_slots: int, device,
-                 block_s: int | None = None, blocks_per_chunk: int = 1):
+                 block_s: int | None = None, blocks_per_chunk: int = 1, min_chunks_p2: int = 1):
         self.group = q_heads // kv_heads
         self.use_dot = not interpreting()
         self.group_p2 = group_rows(self.group, self.use_dot)
@@ -90,6 +90,8 @@ class DecodeAttention:
                                    max(16, min(64, 16384 // (self.group_p2 * head_dim))))
         self.blocks_per_chunk = blocks_per_chunk
         self.n_chunks = math.ceil(max_slots / (self.block_s * blocks_per_chunk))
+        # the combines' chunk axis (a power of two, at least min_chunks_p2; chunks past n_chunks are masked)
+        self.chunks_p2 = max(triton.next_power_of_2(self.n_chunks), triton.next_power_of_2(min_chunks_p2))
         self.m = torch.empty(batch * q_heads * self.n_chunks, dtype=torch.float32, device=device)
         self.l = torch.empty_like(self.m)
         self.acc = torch.empty(batch * q_heads * self.n_chunks * head_dim, dtype=torch.float32, device=device)
@@ -324,7 +326,7 @@ class RopeAttention(DecodeAttention):
     def combine(self, out, pdl=False):
         b, hq, _, d = self.shape
         _attn_combine_kernel[(b, hq)](self.m, self.l, self.acc, out, self.slot, self.n_chunks, out.stride(0),
-                                      out.stride(1), hq, D=d, CHUNKS_P2=triton.next_power_of_2(self.n_chunks),
+                                      out.stride(1), hq, D=d, CHUNKS_P2=self.chunks_p2,
                                       CHUNK=self.block_s * self.blocks_per_chunk, USE_PDL=pdl, num_warps=4,
                                       **launch_options(pdl))
         return out
@@ -341,7 +343,7 @@ class RopeAttention(DecodeAttention):
             heads //= 2
         _combine_oproj_kernel[(triton.cdiv(n, block_n), hq // heads)](
             self.m, self.l, self.acc, wo, scale if scale is not None else h, wo if o_like is None else o_like, h,
-            self.slot, n, self.n_chunks, wo.stride(0), D=d, CHUNKS_P2=triton.next_power_of_2(self.n_chunks),
+            self.slot, n, self.n_chunks, wo.stride(0), D=d, CHUNKS_P2=self.chunks_p2,
             CHUNK=self.block_s * self.blocks_per_chunk, BLOCK_N=block_n,
             HEADS=heads, SCALED=scale is not None, FAST_I8=scale is not None and fast_int8(wo.device), USE_PDL=pdl,
             num_warps=num_warps, **launch_options(pdl))
