@@ -139,32 +139,24 @@ def replay_ms(runner, reps=200) -> float:
 
 
 def greedy_ms(runner, steps=64, reps=7) -> float:
-    """Median time per step of `steps` greedy steps back to back, replayed as `greedy_steps` replays them (the
-    one-step graph), every repetition from the same slot; what a decode loop that reads tokens back every `steps`
-    steps gets, less the read-back and the first launch."""
-    d = runner.decoder
-    restore, slot = restorer(d, ("positions", "slot", "tokens")), runner._slot
-    times = []
-    for _ in range(reps):
-        restore()
-        runner._slot = slot
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        a.record()
-        runner.greedy_steps(d.tokens, steps)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / steps)
-    restore()
-    runner._slot = slot
-    return sorted(times)[len(times) // 2]
+    """Median time per step (ms) of `steps` greedy steps back to back, replayed as `greedy_steps` replays them (the
+    one-step graph), every repetition from the prompt's end; what a decode loop that reads tokens back every
+    `steps` steps gets, less the read-back and the first launch."""
+    return sorted(context_curve(runner, steps, steps)[0] for _ in range(reps))[reps // 2] / 1e3
 
 
 def context_curve(runner, steps, chunk=16) -> list[float]:
     """Time per step (µs) of each run of `chunk` greedy steps in `steps` steps back to back from the prompt's end
-    (events between the chunks, on the GPU's time line): how the step time grows with the slots in use."""
+    (events between the chunks, on the GPU's time line): how the step time grows with the slots in use. The
+    decoder's buffers and the runner's host-side slot are put back before and after."""
     d = runner.decoder
-    restore, slot = restorer(d, ("positions", "slot", "tokens")), runner._slot
+    put_back, slot = restorer(d, ("positions", "slot", "tokens")), runner._slot
+
+    def restore():
+        put_back()
+        runner._slot = slot
+
+    restore()
     events = [torch.cuda.Event(enable_timing=True) for _ in range(steps // chunk + 1)]
     torch.cuda.synchronize()
     events[0].record()
@@ -173,8 +165,7 @@ def context_curve(runner, steps, chunk=16) -> list[float]:
         e.record()
     events[-1].synchronize()
     restore()
-    runner._slot = slot
-    return [round(a.elapsed_time(b) * 1e3 / chunk, 1) for a, b in zip(events, events[1:])]
+    return [a.elapsed_time(b) * 1e3 / chunk for a, b in zip(events, events[1:])]
 
 
 def profile(runner, steps=5) -> dict:
@@ -294,7 +285,7 @@ def main() -> None:
             try:
                 runner.start(cache, new)
                 if args.curve:
-                    curve = context_curve(runner, args.curve)
+                    curve = [round(t, 1) for t in context_curve(runner, args.curve)]
                     results.append({"model": name, "variant": variant, "prompt": args.prompt, "new": new,
                                     "slots": runner.decoder.shape[1], "curve_us": curve})
                     print(f"{name} {variant:26s} prompt {args.prompt} slots {runner.decoder.shape[1]}: per step, "
