@@ -126,10 +126,10 @@ class FastDecoder:
         self.d = getattr(config, "head_dim", None) or config.hidden_size // self.hq
         if self.d > 128:
             self.oproj_heads = 1
-        # the combines' chunk axis at least this long (DecodeAttention.chunks_p2). H200, tg128's 130 slots: 16 for
-        # head_dim 128 (Qwen3-1.7B: -30 us per step once more than 64 slots are in use, 911 -> 926 tok/s; 32 was
-        # slower than 16); head_dim 64 (Llama-3.2-1B) was 1-2 us slower with 16, so it keeps the shortest axis
-        self.attention_min_chunks_p2 = 16 if self.d >= 128 else 1
+        # the combines' chunk axis at least this long (DecodeAttention.chunks_p2). H200, tg128's 130 slots, once more
+        # than 64 are in use: Qwen3-1.7B -30 us per step with 16 (911 -> 926 tok/s; 32 was slower than 16);
+        # Llama-3.2-1B -18 us with 16 since gate/up's deeper ring (stream_gemv.GATE_UP_RING_BYTES), 1-2 us slower before
+        self.attention_min_chunks_p2 = 16
         self.scale = (config.query_pre_attn_scalar ** -0.5) if self.gemma else self.d ** -0.5
         self.embed = inner.embed_tokens.weight
         self.embed_scale = float(inner.embed_tokens.embed_scale.to(self.dtype)) if self.gemma else 1.0
@@ -276,9 +276,12 @@ class FastDecoder:
         """The stream GEMV's ring for `kind`: as `stream_rings` says, else stream_ring_bytes, except qkv's, which
         holds half of a program's rows, so that its programs fit on an SM beside the down projection's and start
         copying before that one ends (H200, BENCHMARKS.md: the best of 48-144 KiB for both presets; with
-        oproj_heads=2, -33 us per Qwen3-1.7B step)."""
+        oproj_heads=2, -33 us per Qwen3-1.7B step), and gate/up's, which fills while the attention runs:
+        stream_gemv.GATE_UP_RING_BYTES (-8 to -14 us per step on an H200 against stream_ring_bytes)."""
         if kind in self.stream_rings:
             return self.stream_rings[kind]
+        if kind == "gate_up":
+            return stream_gemv.GATE_UP_RING_BYTES
         if kind == "qkv":
             p = stream_gemv.plan(*w.shape, gated, stream_gemv.sms(w.device), self.stream_chunk_bytes,
                                  self.stream_ring_bytes)

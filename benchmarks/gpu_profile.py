@@ -78,14 +78,19 @@ VARIANTS = {
 
 
 def variant_knobs(variant: str) -> dict:
-    """A variant's decoder knobs: from VARIANTS, or "stream [ringN] [chunkM] [downN ...]" (the bulk-copy GEMVs; sizes
-    in KiB; qkvN / gate_upN / downN / headN: that kind's ring, the others' as the default)."""
+    """A variant's decoder knobs: from VARIANTS, or "stream [ringN] [chunkM] [downN ...] [knob=value ...]" (the
+    bulk-copy GEMVs; sizes in KiB; qkvN / gate_upN / downN / headN: that kind's ring, the others' as the default;
+    knob=value: any other integer knob of the decoder, e.g. attention_warps=4)."""
     if variant in VARIANTS:
         return dict(VARIANTS[variant])
     words = variant.split()
     if words and words[0] == "stream":
         knobs = {"gemv_impl": "stream"}
         for word in words[1:]:
+            if "=" in word:
+                knob, value = word.split("=", 1)
+                knobs[knob] = int(value)
+                continue
             for prefix, knob in (("ring", "stream_ring_bytes"), ("chunk", "stream_chunk_bytes")):
                 if word.startswith(prefix):
                     knobs[knob] = int(word[len(prefix):].rstrip("k")) * 1024

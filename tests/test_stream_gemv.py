@@ -49,6 +49,22 @@ def test_not_available_without_an_nvidia_gpu(monkeypatch):
     assert "NVIDIA" in stream_gemv.available(torch.device("cuda"))
 
 
+def test_ring_limit_follows_the_devices_shared_memory(monkeypatch):
+    """A ring deeper than a program's shared memory allows is cut to what fits (H100/H200: 227 KiB opt-in, so the
+    gate/up ring of 208 KiB fits whole; a 99 KiB GPU gets an 82 KiB ring); RING_BYTES where the limit is unknown."""
+    from types import SimpleNamespace
+
+    limits = ((232448, 232448 - stream_gemv.PART_BYTES - 1024), (101376, 82 * 1024), (0, stream_gemv.RING_BYTES))
+    for optin, expected in limits:
+        stream_gemv.ring_limit.cache_clear()
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device, o=optin: SimpleNamespace(shared_memory_per_block_optin=o))
+        assert stream_gemv.ring_limit(torch.device("cuda")) == expected
+    stream_gemv.ring_limit.cache_clear()
+    p = stream_gemv.plan(6144, 2048, True, 132, ring_bytes=stream_gemv.GATE_UP_RING_BYTES)  # Qwen3-1.7B's gate/up
+    assert p.stages == 13 and p.shared_bytes(2048, True) <= 232448 - 1024
+
+
 def test_stream_gemv_refuses_bad_input():
     """Checked before anything runs (so on any machine): the weights' dtype and layout, x, norm_w, out, alignment;
     then the device; on a GPU also K (see test_plan_refuses_what_the_kernel_cannot_take)."""
@@ -96,8 +112,8 @@ def test_decoder_picks_the_stream_gemvs_for_two_byte_weights_where_available(tin
 
 def test_decoder_rings_and_combine_heads(tiny_model, monkeypatch):
     """The qkv GEMV's ring holds half of a program's rows (48 KiB for Llama-3.2-1B's 3072 x 2048 on 132 SMs, 64 KiB
-    for Qwen3-1.7B's 4096 x 2048); the others take stream_ring_bytes; `stream_rings` overrides both. The combine
-    choices follow head_dim."""
+    for Qwen3-1.7B's 4096 x 2048); gate/up's is GATE_UP_RING_BYTES; the others take stream_ring_bytes;
+    `stream_rings` overrides all. The combine choices follow head_dim."""
     from backends.llama_fast import FastDecoder
     from portable import models
 
@@ -107,15 +123,17 @@ def test_decoder_rings_and_combine_heads(tiny_model, monkeypatch):
     llama, qwen = torch.empty(3072, 2048, dtype=torch.bfloat16), torch.empty(4096, 2048, dtype=torch.bfloat16)
     assert d._ring("qkv", llama, False) == 48 * 1024
     assert d._ring("qkv", qwen, False) == 64 * 1024
-    assert d._ring("gate_up", qwen, True) == d._ring("down", qwen, False) == stream_gemv.RING_BYTES
-    d.stream_rings = {"qkv": 96 * 1024}
+    assert d._ring("gate_up", qwen, True) == stream_gemv.GATE_UP_RING_BYTES == 208 * 1024
+    assert d._ring("down", qwen, False) == d._ring("head", qwen, False) == stream_gemv.RING_BYTES
+    d.stream_rings = {"qkv": 96 * 1024, "gate_up": 144 * 1024}
     assert d._ring("qkv", llama, False) == 96 * 1024
+    assert d._ring("gate_up", qwen, True) == 144 * 1024
     # two heads per combine + W_o program, one where the weight tile would not stay in registers (head_dim > 128)
     assert d.oproj_heads == 2
     loaded.model.config.head_dim = 256
     assert FastDecoder(loaded.model, kernels="triton").oproj_heads == 1
-    # the combines' chunk axis: at least 16 long for head_dim >= 128 (Qwen3-1.7B), the shortest below (Llama-3.2-1B)
-    assert d.attention_min_chunks_p2 == 1
+    # the combines' chunk axis: at least 16 long, whatever the head_dim
+    assert d.attention_min_chunks_p2 == 16
     assert FastDecoder(loaded.model, kernels="triton").attention_min_chunks_p2 == 16
 
 
@@ -156,6 +174,20 @@ def test_stream_gemv_matches_the_reference(n, k, gated, dtype):
         gemv.gemv_torch(xh, w, b, accumulate=True)
         assert _rel(a - base, b - base) < 1e-2
         assert torch.equal(a[n:], b[n:])
+
+
+@pytest.mark.gpu
+@gpu
+def test_stream_gemv_cuts_a_ring_deeper_than_shared_memory():
+    n, k = 6144, 2048
+    w, up = (_rand(n, k, dtype=torch.bfloat16, seed=s, scale=k ** -0.5) for s in (9, 10))
+    x = _rand(k, seed=11)
+    a, b, c = (torch.zeros(n, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+    stream_gemv.stream_gemv(x, w, a, up=up, ring_bytes=4 << 20)  # 4 MiB: more than any SM has
+    stream_gemv.stream_gemv(x, w, b, up=up, ring_bytes=stream_gemv.GATE_UP_RING_BYTES)
+    gemv.gemv_torch(x, w, c, up=up)
+    assert torch.equal(a, b)  # the same rows in the same order: only the chunks in flight differ
+    assert _rel(a, c) < 1e-2
 
 
 @pytest.mark.gpu

@@ -26,6 +26,10 @@ CHUNK_BYTES = 16 * 1024  # at least this many bytes of weights per chunk the pro
 # 144 KiB gave the fastest step for both real-shape presets; 96-112 KiB (two GEMVs' programs on one SM) and
 # 160-220 KiB were slower
 RING_BYTES = 144 * 1024
+# the gate/up GEMV's ring (`FastDecoder._ring`): as deep as leaves room on the SM for the attention and combine + W_o
+# programs that run beside it while its ring fills. H200 (gpu_profile.py, 2026-12-04 late; BENCHMARKS.md): 208 KiB
+# took 8-14 us off both presets' step against 144; 176 and 192 KiB gained less or nothing
+GATE_UP_RING_BYTES = 208 * 1024
 PART_BYTES = 16 * 1024  # at most this much shared memory for a program's partial sums
 MAX_VECTORS = 8  # 16-byte weight vectors per lane per row: a consumer holds 8 * MAX_VECTORS floats of x'
 OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -116,7 +120,7 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, norm_w: 
     reason = available(w.device)
     if reason is not None:
         raise ValueError(f"stream_gemv {reason}")
-    p = plan(n, k, gated, sms(w.device), chunk_bytes, ring_bytes)
+    p = plan(n, k, gated, sms(w.device), chunk_bytes, min(ring_bytes, ring_limit(w.device)))
     if p is None:
         raise ValueError(f"stream_gemv does not take K = {k}")
     if argmax is not None and (accumulate or argmax[0].numel() != p.grid or argmax[1].numel() != p.grid):
@@ -140,6 +144,15 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, norm_w: 
 @functools.lru_cache(maxsize=None)
 def sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def ring_limit(device: torch.device) -> int:
+    """The deepest ring one program's shared memory holds on `device` beside its barriers and partial sums (a
+    larger `ring_bytes` is cut to it; the ring sets only how many chunks are in flight). RING_BYTES where PyTorch
+    does not report the limit."""
+    optin = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
+    return optin - PART_BYTES - 1024 if optin else RING_BYTES
 
 
 # ---- NVRTC and the driver API, through ctypes ----
