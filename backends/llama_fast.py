@@ -277,7 +277,7 @@ class FastDecoder:
         holds half of a program's rows, so that its programs fit on an SM beside the down projection's and start
         copying before that one ends (H200, BENCHMARKS.md: the best of 48-144 KiB for both presets; with
         oproj_heads=2, -33 us per Qwen3-1.7B step), and gate/up's, which fills while the attention runs:
-        stream_gemv.GATE_UP_RING_BYTES (-8 to -14 us per step on an H200 against stream_ring_bytes)."""
+        stream_gemv.GATE_UP_RING_BYTES (-8 to -16 us per greedy step on an H200 against stream_ring_bytes)."""
         if kind in self.stream_rings:
             return self.stream_rings[kind]
         if kind == "gate_up":

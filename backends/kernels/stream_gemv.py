@@ -28,7 +28,7 @@ CHUNK_BYTES = 16 * 1024  # at least this many bytes of weights per chunk the pro
 RING_BYTES = 144 * 1024
 # the gate/up GEMV's ring (`FastDecoder._ring`): as deep as leaves room on the SM for the attention and combine + W_o
 # programs that run beside it while its ring fills. H200 (gpu_profile.py, 2026-12-04 late; BENCHMARKS.md): 208 KiB
-# took 8-14 us off both presets' step against 144; 176 and 192 KiB gained less or nothing
+# took 8-16 us off both presets' greedy step against 144; 176 and 192 KiB gained less or nothing
 GATE_UP_RING_BYTES = 208 * 1024
 PART_BYTES = 16 * 1024  # at most this much shared memory for a program's partial sums
 MAX_VECTORS = 8  # 16-byte weight vectors per lane per row: a consumer holds 8 * MAX_VECTORS floats of x'
