@@ -108,6 +108,10 @@ class FastDecoder:
         self.gemv_impl = "triton"  # "stream" below, for 2-byte weights on a GPU that takes it
         self.stream_chunk_bytes, self.stream_ring_bytes = stream_gemv.CHUNK_BYTES, stream_gemv.RING_BYTES
         self.stream_rings: dict[str, int] = {}  # per GEMV kind, a ring other than `_ring`'s
+        # a measurement (benchmarks/gpu_profile.py --stamps): int64 [stream GEMV launches per step, programs, 64]; the
+        # step's i-th stream GEMV writes its programs' timer stamps into stamps[i] (stream_gemv.cu lists them)
+        self.stamps: torch.Tensor | None = None
+        self._stamp = 0
         # Measured on an H100 (benchmarks/gpu_profile.py): 32-slot blocks with 8 warps for pass 1 of the attention,
         # 128-row programs for the combine + output projection; on an H200 with the stream GEMVs, two heads per
         # program (-17 us per Qwen3-1.7B step, Llama-3.2-1B unchanged), where the weight tile stays in registers
@@ -223,6 +227,7 @@ class FastDecoder:
         writes it to `self.tokens` as the next step's input and to `self.history[:, slot]`, so that consecutive
         greedy steps (one CUDA graph each) need nothing from the host between them."""
         triton_ = self.kernels == "triton"
+        self._stamp = 0
         (step.embed_ if triton_ else step.embed_torch_)(self.tokens, self.embed, self.h, self.embed_scale, self.pdl)
         if self._fused():
             self._layers_gemv(greedy)
@@ -293,8 +298,11 @@ class FastDecoder:
         """One batch-1 GEMV of `kind` (qkv, o, gate_up, down, head; the other arguments as `gemv.gemv`'s), through
         `stream_gemv` where it applies."""
         if s is None and self._stream_plan(w, up is not None) is not None:
+            stamps = None
+            if self.stamps is not None:
+                stamps, self._stamp = self.stamps[self._stamp].view(-1), self._stamp + 1
             stream_gemv.stream_gemv(x, w, out, up=up, pdl=self.pdl, chunk_bytes=self.stream_chunk_bytes,
-                                    ring_bytes=self._ring(kind, w, up is not None), **kw)
+                                    ring_bytes=self._ring(kind, w, up is not None), stamps=stamps, **kw)
         else:
             gemv.gemv(x, w, out, config=self.gemv_configs.get(kind), scale=s, up=up, up_scale=us,
                       prefetch=self.prefetch, preload=self.preload, trigger=self.trigger, pdl=self.pdl, **kw)

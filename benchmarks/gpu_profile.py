@@ -7,7 +7,9 @@ GPU), the time per step of 64 greedy steps back to back (as the decode loop repl
 under the profiler, the summed device time per kernel name (what each kind of launch costs, without launch gaps).
 With --timeline, instead of the eager step: when each kernel of the captured graph starts and ends within the step
 (profiled graph replays; a kernel launched early by programmatic dependent launch starts before its predecessor
-ends), summed per kernel kind and position in the layer, and the time no kernel ran.
+ends), summed per kernel kind and position in the layer, and the time no kernel ran. With --stamps, instead: when
+the stream GEMVs' programs start, pass their wait and receive their weights, from timer stamps the kernel writes
+(see stamps()).
 """
 
 from __future__ import annotations
@@ -259,6 +261,71 @@ def timeline(runner, reps=20) -> dict:
                           "started_early_us": round(early[k], 1)} for k in sorted(exposed, key=lambda k: -exposed[k])}}
 
 
+def stamps(runner, reps=10) -> dict:
+    """Per stream GEMV kind (qkv, gate_up, down, head), from its programs' timer stamps (stream_gemv.cu) in the
+    captured greedy step, mean over the layers but the first and over `reps` replays, in µs: how far apart its
+    programs started ("start spread": the median and the last program after the first; "late programs": how many
+    started over 2 µs after the first), the first ring issued, the consumers' dependency wait passed ("release", from
+    the first program's start, its spread, and from the end of the kernel before it where that is a stream GEMV too),
+    then, from the release: x' in registers, the first ring all arrived (0: it had when the wait passed), the chunks of
+    the first ring consumed, the last chunk arrived, the outputs written (the last program). "sample": every
+    program's start, SM and chunk arrivals of the middle layer's GEMVs. The timer advances in steps (its finest step
+    seen is reported), so single stamps are coarse; the means over layers and replays are finer."""
+    g, d = runner._greedy_graph, runner.decoder
+    restore = restorer(d, ("positions", "slot", "tokens"))
+    per_layer = 4 if d.gemma else 3
+    kinds = ["qkv", "o", "gate_up", "down"] if d.gemma else ["qkv", "gate_up", "down"]
+    names = [kinds[i % per_layer] for i in range(per_layer * len(d.layers))] + ["head"]
+    acc = defaultdict(lambda: defaultdict(float))
+    counts = defaultdict(int)
+    resolution, sample = None, {}
+    for _ in range(reps):
+        restore()
+        d.stamps.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        st = d.stamps[:len(names)].cpu()
+        prev_end = None
+        for i, name in enumerate(names):
+            t = st[i]
+            t = t[t[:, 0] > 0].double() / 1e3
+            start0 = t[:, 0].min()
+            release = t[:, 1].median()
+            end = t[:, 5].max()
+            u = t[:, :7].flatten().unique()
+            if len(u) > 1:
+                step = float((u[1:] - u[:-1]).min() * 1e3)
+                resolution = step if resolution is None else min(resolution, step)
+            if i >= per_layer or name == "head":
+                a = acc[name]
+                a["start spread median"] += float(t[:, 0].median() - start0)
+                a["start spread last"] += float(t[:, 0].max() - start0)
+                a["ring issued"] += float((t[:, 6] - t[:, 0]).median())
+                a["release from start"] += float(release - start0)
+                a["release spread"] += float(t[:, 1].max() - t[:, 1].min())
+                if prev_end is not None:
+                    a["release after prev"] += float(t[:, 1].min() - prev_end)
+                a["x ready"] += float((t[:, 2] - t[:, 1]).median())
+                a["ring full"] += float((t[:, 62] - t[:, 1]).median())  # 0: full when the wait passed
+                a["ring consumed"] += float((t[:, 3] - t[:, 2]).median())
+                a["last chunk"] += float(t[:, 4].max() - release)
+                a["written"] += float(end - release)
+                a["late programs"] += float((t[:, 0] > start0 + 2).sum())  # started over 2 µs after the first
+                counts[name] += 1
+                if name != "head" and i // per_layer == len(d.layers) // 2:
+                    late = t[:, 0] > start0 + 2
+                    sample[name] = {"sm": t[:, 7].mul(1e3).round().long().tolist(), "late": late.tolist(),
+                                    "start_us": (t[:, 0] - start0).round(decimals=2).tolist(),
+                                    "ring_full_us": (t[:, 62] - release).round(decimals=2).tolist(),
+                                    "chunks_us": [[round(float(v - release), 2) for v in row[8:62] if v > 0]
+                                                  for row in t]}
+            # the next stream GEMV follows this one directly (down after gate/up, the next layer's qkv or the head
+            # after down); qkv is followed by the attention, Gemma's GEMVs by a norm
+            prev_end = end if name in ("gate_up", "down") and not d.gemma else None
+    out = {k: {m: round(v / counts[k], 2) for m, v in a.items()} for k, a in acc.items()}
+    return {"timer_step_ns": resolution, "kinds": out, "sample": sample}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("models", nargs="+")
@@ -268,6 +335,8 @@ def main() -> None:
     parser.add_argument("--new", default="256", help="new tokens the static cache has room for (a comma list: each)")
     parser.add_argument("--int8", action="store_true", help="weight-only int8 (backends/quantize.py)")
     parser.add_argument("--timeline", action="store_true", help="the captured step's time line (see above)")
+    parser.add_argument("--stamps", action="store_true", help="instead of a profile: the stream GEMVs' programs' "
+                        "timer stamps (see stamps())")
     parser.add_argument("--curve", type=int, metavar="STEPS", help="instead of a profile: the time per step of each "
                         "16 greedy steps in STEPS steps from the prompt's end (how it grows with the slots in use)")
     args = parser.parse_args()
@@ -287,6 +356,9 @@ def main() -> None:
             widen_i2f(v.pop("_i2f", False))
             for knob, value in v.items():
                 setattr(runner.decoder, knob, value)
+            if args.stamps:
+                runner.decoder.stamps = torch.zeros(5 * len(runner.decoder.layers) + 2, 1024, 64, dtype=torch.int64,
+                                                    device="cuda")
             try:
                 runner.start(cache, new)
                 if args.curve:
@@ -295,6 +367,15 @@ def main() -> None:
                                     "slots": runner.decoder.shape[1], "curve_us": curve})
                     print(f"{name} {variant:26s} prompt {args.prompt} slots {runner.decoder.shape[1]}: per step, "
                           f"each 16 steps (us): {' '.join(f'{t:.1f}' for t in curve)}", flush=True)
+                    continue
+                if args.stamps:
+                    line = stamps(runner)
+                    results.append({"model": name, "variant": variant, "prompt": args.prompt, "new": new, **line})
+                    print(f"{name} {variant:26s} stamps (us; timer step {line['timer_step_ns']} ns)")
+                    metrics = list(next(iter(line["kinds"].values())))
+                    for k, m in line["kinds"].items():
+                        print(f"    {k:8s} " + "  ".join(f"{n} {m.get(n, float('nan')):.2f}" for n in metrics),
+                              flush=True)
                     continue
                 step_ms, steady = replay_ms(runner), greedy_ms(runner)
                 if args.timeline:

@@ -192,6 +192,33 @@ def test_stream_gemv_cuts_a_ring_deeper_than_shared_memory():
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("n,k,gated", [(6144, 2048, True), (2048, 6144, False), (999, 2048, True)])
+def test_stream_gemv_stamps_are_ordered_and_change_nothing(n, k, gated):
+    w = _rand(n, k, dtype=torch.bfloat16, seed=16, scale=k ** -0.5)
+    up = _rand(n, k, dtype=torch.bfloat16, seed=17, scale=k ** -0.5) if gated else None
+    x, norm_w = _rand(k, seed=18), _rand(k, dtype=torch.bfloat16, seed=19) + 1
+    p = stream_gemv.plan(n, k, gated, stream_gemv.sms(w.device))
+    a, b = torch.zeros(n, device="cuda"), torch.zeros(n, device="cuda")
+    st = torch.zeros(p.grid, 64, dtype=torch.int64, device="cuda")
+    stream_gemv.stream_gemv(x, w, a, up=up, norm_w=norm_w)
+    stream_gemv.stream_gemv(x, w, b, up=up, norm_w=norm_w, stamps=st)
+    assert torch.equal(a, b)
+    st = st.cpu()
+    for prog in range(p.grid):
+        t = st[prog]
+        chunks = -(-min(p.rows_per_cta, n - prog * p.rows_per_cta) // p.rows)
+        # in program order: the producer's lane 0 (0, 6), its lane 1 after the consumers' wait (62), consumer thread
+        # 0 (1, 2, the chunks, 3 and 4 in either order, 5)
+        assert 0 < t[0] <= t[6] <= t[62] and t[1] <= t[2] <= min(t[3], t[4]) and max(t[3], t[4]) <= t[5]
+        assert 0 <= int(t[7]) < stream_gemv.sms(w.device)
+        arrived = t[8:8 + min(chunks, 54)]
+        assert (arrived > 0).all() and (arrived[1:] >= arrived[:-1]).all() and arrived[-1] <= t[5]
+    with pytest.raises(ValueError, match="stamps"):
+        stream_gemv.stream_gemv(x, w, b, up=up, stamps=st.cuda()[:-1])
+
+
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("n", [4096, 128256, 1000])
 def test_stream_gemv_argmax_pairs_give_the_first_largest_logit(n):
     k = 2048

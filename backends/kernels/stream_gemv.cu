@@ -14,7 +14,8 @@
 //   ARGMAX: each program also writes its largest output and the first row holding it (NaN counts as the largest)
 //
 // Compile-time constants (-D): K, WT_BF16 (weights bf16, else fp16), X_KIND (0 fp32, 1 bf16, 2 fp16), HAS_NORM,
-// GATED, ACT, OUT_KIND, ARGMAX, ROWS, SPLIT (warps per row; ROWS * SPLIT == CONSUMERS), STAGES.
+// GATED, ACT, OUT_KIND, ARGMAX, ROWS, SPLIT (warps per row; ROWS * SPLIT == CONSUMERS), STAGES; STAMPS (a
+// measurement, off by default: each program writes the GPU's %globaltimer to stamps[program * 64 + i], see below).
 // Each consumer warp owns one (row of a chunk, K/SPLIT columns) pair for the whole kernel, so its share of x' stays
 // in registers: K % (256 * SPLIT) == 0.
 
@@ -28,6 +29,20 @@
 typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
+
+#ifndef STAMPS
+#define STAMPS 0
+#endif
+// stamps (benchmarks/gpu_profile.py --stamps): 0 the program starts, 1 its consumers passed the dependency wait,
+// 2 x' is in registers, 3 the chunks issued at the start are consumed, 4 the last chunk arrived, 5 the outputs are
+// written, 6 the first ring is issued, 7 the SM's number, 8 + c (c < 54) chunk c's wait returned (consumer thread 0),
+// 62 the chunks issued at the start have all arrived (or the consumers passed their wait, if that was later)
+#if STAMPS
+#define STAMP(i) \
+    do { u64 t_; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_)); stamps[blockIdx.x * 64 + (i)] = t_; } while (0)
+#else
+#define STAMP(i) do { } while (0)
+#endif
 
 static_assert(K % (256 * SPLIT) == 0, "K must be a multiple of 256 * SPLIT");
 
@@ -111,7 +126,7 @@ __device__ __forceinline__ float act(float g) {
 extern "C" __global__ void __launch_bounds__((CONSUMERS + 1) * 32, 2)
 stream_gemv(const u16* __restrict__ w, const u16* __restrict__ u, const void* __restrict__ x_ptr,
             const u16* __restrict__ norm_w, void* __restrict__ out, float* __restrict__ amax, int* __restrict__ aidx,
-            int n_rows, int rows_per_cta, float eps, float norm_offset) {
+            int n_rows, int rows_per_cta, float eps, float norm_offset, u64* __restrict__ stamps) {
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char* ring = smem;
     u64* full = (u64*)(smem + STAGES * STAGE_BYTES);
@@ -149,13 +164,24 @@ stream_gemv(const u16* __restrict__ w, const u16* __restrict__ u, const void* __
 #endif
         };
         if (lane == 0) {
+            STAMP(0);
             asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
             for (int c = 0; c < chunks && c < STAGES; ++c) issue(c);
+            STAMP(6);
+#if STAMPS
+            u32 sm; asm volatile("mov.u32 %0, %%smid;" : "=r"(sm)); stamps[blockIdx.x * 64 + 7] = sm;
+#endif
         }
         // the consumers have passed their dependency wait: our successor may launch now (its own early loads then
         // see everything before us complete)
         asm volatile("bar.sync 1, %0;" :: "r"((CONSUMERS + 1) * 32) : "memory");
         asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#if STAMPS
+        if (lane == 1) {
+            mbar_wait(&full[min(chunks, STAGES) - 1], 0);
+            STAMP(62);
+        }
+#endif
         if (lane == 0) {
             for (int c = STAGES; c < chunks; ++c) {
                 mbar_wait(&empty[c % STAGES], ((c / STAGES) - 1) & 1);  // the consumers are done with that stage
@@ -169,6 +195,7 @@ stream_gemv(const u16* __restrict__ w, const u16* __restrict__ u, const void* __
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     asm volatile("bar.arrive 1, %0;" :: "r"((CONSUMERS + 1) * 32) : "memory");
+    if (threadIdx.x == 0) STAMP(1);
 
     const int r = warp / SPLIT, p = warp % SPLIT;  // this warp's row within a chunk and its K part
     float xr[VPL][8];
@@ -206,10 +233,13 @@ stream_gemv(const u16* __restrict__ w, const u16* __restrict__ u, const void* __
     ss = warp_sum(ss);
     if (r == 0 && lane == 0) red[p] = ss;  // the SPLIT warps of row 0 cover all of K once
 #endif
+    if (threadIdx.x == 0) STAMP(2);
 
     for (int c = 0; c < chunks; ++c) {
         const int s = c % STAGES;
         mbar_wait(&full[s], (c / STAGES) & 1);
+        if (threadIdx.x == 0 && c == chunks - 1) STAMP(4);
+        if (threadIdx.x == 0 && c < 54) STAMP(8 + c);
         if (c * ROWS + r < rows) {
             const uint4* wv = (const uint4*)(ring + s * STAGE_BYTES + (r * K + p * PART) * 2);
             float acc = 0.0f;
@@ -238,6 +268,7 @@ stream_gemv(const u16* __restrict__ w, const u16* __restrict__ u, const void* __
         }
         __syncwarp();
         if (lane == 0) mbar_arrive(&empty[s]);
+        if (threadIdx.x == 0 && c == min(chunks, STAGES) - 1) STAMP(3);
     }
 
     // ---- epilogue: every consumer thread finishes rows ----
@@ -298,5 +329,9 @@ stream_gemv(const u16* __restrict__ w, const u16* __restrict__ u, const void* __
         amax[blockIdx.x] = best;
         aidx[blockIdx.x] = best_row;
     }
+#endif
+#if STAMPS
+    asm volatile("bar.sync 2, %0;" :: "r"(CONSUMERS * 32) : "memory");
+    if (threadIdx.x == 0) STAMP(5);
 #endif
 }

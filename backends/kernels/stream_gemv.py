@@ -97,10 +97,12 @@ def available(device: torch.device) -> str | None:
 def stream_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, norm_w: torch.Tensor | None = None,
                 eps: float = 1e-6, norm_offset: float = 0.0, up: torch.Tensor | None = None, act: str = "silu",
                 accumulate: bool = False, argmax: tuple[torch.Tensor, torch.Tensor] | None = None,
-                pdl: bool = False, chunk_bytes: int = CHUNK_BYTES, ring_bytes: int = RING_BYTES) -> torch.Tensor:
+                pdl: bool = False, chunk_bytes: int = CHUNK_BYTES, ring_bytes: int = RING_BYTES,
+                stamps: torch.Tensor | None = None) -> torch.Tensor:
     """As `gemv.gemv` (x: [K] or [1, K]; w, up: [N, K] bf16/fp16 contiguous; out: [N]), on NVIDIA sm_90+.
 
-    `argmax`: fp32 and int32 buffers of `plan(...).grid` entries (one per program)."""
+    `argmax`: fp32 and int32 buffers of `plan(...).grid` entries (one per program). `stamps` (a measurement): int64,
+    64 per program; each program writes the GPU's global timer (ns) at the points `stream_gemv.cu` lists."""
     n, k = w.shape
     gated = up is not None
     if w.dtype not in (torch.bfloat16, torch.float16) or not w.is_contiguous() or (gated and (
@@ -125,10 +127,13 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, norm_w: 
         raise ValueError(f"stream_gemv does not take K = {k}")
     if argmax is not None and (accumulate or argmax[0].numel() != p.grid or argmax[1].numel() != p.grid):
         raise ValueError(f"argmax needs a non-accumulating GEMV and {p.grid} entries")
+    if stamps is not None and (stamps.dtype != torch.int64 or stamps.numel() < 64 * p.grid
+                               or not stamps.is_contiguous()):
+        raise ValueError(f"stamps needs {64 * p.grid} contiguous int64 entries")
     defines = {"K": k, "WT_BF16": int(w.dtype == torch.bfloat16), "X_KIND": X_KINDS[x.dtype],
                "HAS_NORM": int(norm_w is not None), "GATED": int(gated), "ACT": ACTS[act],
                "OUT_KIND": 3 if accumulate else OUT_KINDS[out.dtype], "ARGMAX": int(argmax is not None),
-               "ROWS": p.rows, "SPLIT": p.split, "STAGES": p.stages}
+               "ROWS": p.rows, "SPLIT": p.split, "STAGES": p.stages, **({"STAMPS": 1} if stamps is not None else {})}
     kernel = _kernel(tuple(sorted(defines.items())), torch.cuda.get_device_capability(w.device), w.device.index or 0)
     shared = p.shared_bytes(k, gated)
     kernel.ensure_shared(shared)
@@ -136,7 +141,8 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, norm_w: 
     args = [ctypes.c_void_p(w.data_ptr()), ctypes.c_void_p((up if gated else w).data_ptr()),
             ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p((norm_w if norm_w is not None else w).data_ptr()),
             ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(amax.data_ptr()), ctypes.c_void_p(aidx.data_ptr()),
-            ctypes.c_int(n), ctypes.c_int(p.rows_per_cta), ctypes.c_float(eps), ctypes.c_float(norm_offset)]
+            ctypes.c_int(n), ctypes.c_int(p.rows_per_cta), ctypes.c_float(eps), ctypes.c_float(norm_offset),
+            ctypes.c_void_p(stamps.data_ptr() if stamps is not None else 0)]
     kernel.launch(p.grid, (CONSUMERS + 1) * 32, shared, torch.cuda.current_stream(w.device).cuda_stream, args, pdl)
     return out
 
