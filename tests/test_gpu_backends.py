@@ -262,13 +262,15 @@ def test_cuda_artifact_is_saved_then_reused_in_a_fresh_process(cpu_cache, tmp_pa
 
 
 @pytest.mark.gpu
-def test_cuda_graph_decode_matches_eager_fast_path():
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_cuda_graph_decode_matches_eager_fast_path(kernels):
     loaded = models.load(models.resolve("default"), "bf16", "cuda")
     hf = HFRunner(loaded, "cuda", "bf16", torch.device("cuda"))
     ids, mask = tokenize(hf.tokenizer, list(PROMPTS), 0)
     cache = hf.prefill(ids, mask).select([0])
-    graphed = FastRunner(loaded, "cuda", RunConfig(precision="bf16"), torch.device("cuda"))
-    eager = FastRunner(loaded, "cuda", RunConfig(precision="bf16"), torch.device("cuda"), graphs=False, pdl=False)
+    config = RunConfig(precision="bf16", kernels=kernels)
+    graphed = FastRunner(loaded, "cuda", config, torch.device("cuda"))
+    eager = FastRunner(loaded, "cuda", config, torch.device("cuda"), graphs=False, pdl=False)
     graphed.start(cache, 8)
     eager.start(cache, 8)
     token = cache.next_token_logits.argmax(-1)

@@ -260,8 +260,10 @@ def test_decode_step_with_stream_gemvs_matches_the_triton_gemvs(model):
     first = cache.next_token_logits.argmax(-1)
     runs = {}
     for impl in ("triton", "stream"):
-        runner = FastRunner(loaded, "cuda", RunConfig(precision="bf16"), torch.device("cuda"))
+        runner = FastRunner(loaded, "cuda", RunConfig(precision="bf16", kernels="triton"), torch.device("cuda"))
         runner.decoder.gemv_impl = impl
+        w = runner.decoder.layers[0].wqkv
+        assert (runner.decoder._stream_plan(w, False) is not None) == (impl == "stream")  # the path under test runs
         runner.start(cache, 32)
         token, logits = first, []
         for _ in range(8):  # teacher-forced by the Triton run's picks below
