@@ -108,9 +108,6 @@ class FastDecoder:
         self.gemv_impl = "triton"  # "stream" below, for 2-byte weights on a GPU that takes it
         self.stream_chunk_bytes, self.stream_ring_bytes = stream_gemv.CHUNK_BYTES, stream_gemv.RING_BYTES
         self.stream_rings: dict[str, int] = {}  # per GEMV kind, a ring other than `_ring`'s
-        # per GEMV kind, programs per SM other than 1 (2: twice the consumer warps per SM, each program with half the
-        # ring unless stream_rings says otherwise). UNMEASURED as a default
-        self.stream_programs: dict[str, int] = {}
         # a measurement (benchmarks/gpu_profile.py --stamps): int64 [stream GEMV launches per step, programs, 64]; the
         # step's i-th stream GEMV writes its programs' timer stamps into stamps[i] (stream_gemv.cu lists them)
         self.stamps: torch.Tensor | None = None
@@ -192,7 +189,7 @@ class FastDecoder:
         self.tmp = torch.zeros(batch, hidden, dtype=dt, device=dev)
         self.logits = torch.zeros(batch, self.head.shape[0], dtype=torch.float32, device=dev)
         self.history = torch.zeros(batch, slots, dtype=torch.long, device=dev)  # greedy picks, by the slot they feed
-        head_plan = self._stream_plan(self.head, gated=False, kind="head")
+        head_plan = self._stream_plan(self.head, gated=False)
         blocks = head_plan.grid if head_plan else gemv.argmax_blocks(
             *self.head.shape, self.gemv_configs.get("head"), itemsize=1 if self.head_int8 else self.head.element_size())
         self.amax = torch.zeros(blocks, dtype=torch.float32, device=dev)
@@ -277,27 +274,25 @@ class FastDecoder:
         if (self.gemv_impl != "stream" or self.kernels != "triton" or self.weights != "native"
                 or w.dtype not in (torch.bfloat16, torch.float16)):
             return None
-        return stream_gemv.plan(*w.shape, gated, stream_gemv.sms(w.device) * self.stream_programs.get(kind, 1),
-                                self.stream_chunk_bytes, self._ring(kind, w, gated))
+        return stream_gemv.plan(*w.shape, gated, stream_gemv.sms(w.device), self.stream_chunk_bytes,
+                                self._ring(kind, w, gated))
 
     def _ring(self, kind: str | None, w: torch.Tensor, gated: bool) -> int:
         """The stream GEMV's ring for `kind`: as `stream_rings` says, else stream_ring_bytes, except qkv's, which
         holds half of a program's rows, so that its programs fit on an SM beside the down projection's and start
         copying before that one ends (H200, BENCHMARKS.md: the best of 48-144 KiB for both presets; with
         oproj_heads=2, -33 us per Qwen3-1.7B step), and gate/up's, which fills while the attention runs:
-        stream_gemv.GATE_UP_RING_BYTES (-8 to -16 us per greedy step on an H200 against stream_ring_bytes); with
-        `stream_programs`, split between the SM's programs."""
+        stream_gemv.GATE_UP_RING_BYTES (-8 to -16 us per greedy step on an H200 against stream_ring_bytes)."""
         if kind in self.stream_rings:
             return self.stream_rings[kind]
-        ring = self.stream_ring_bytes
         if kind == "gate_up":
-            ring = stream_gemv.GATE_UP_RING_BYTES
-        elif kind == "qkv":
+            return stream_gemv.GATE_UP_RING_BYTES
+        if kind == "qkv":
             p = stream_gemv.plan(*w.shape, gated, stream_gemv.sms(w.device), self.stream_chunk_bytes,
                                  self.stream_ring_bytes)
             if p is not None:
-                ring = p.rows_per_cta * w.shape[1] * w.element_size() // 2
-        return ring // self.stream_programs.get(kind, 1)  # the SM's share split between its programs
+                return p.rows_per_cta * w.shape[1] * w.element_size() // 2
+        return self.stream_ring_bytes
 
     def _gemv(self, kind, x, w, out, s=None, *, up=None, us=None, **kw) -> None:
         """One batch-1 GEMV of `kind` (qkv, o, gate_up, down, head; the other arguments as `gemv.gemv`'s), through
@@ -307,8 +302,7 @@ class FastDecoder:
             if self.stamps is not None:
                 stamps, self._stamp = self.stamps[self._stamp].view(-1), self._stamp + 1
             stream_gemv.stream_gemv(x, w, out, up=up, pdl=self.pdl, chunk_bytes=self.stream_chunk_bytes,
-                                    ring_bytes=self._ring(kind, w, up is not None), stamps=stamps,
-                                    programs_per_sm=self.stream_programs.get(kind, 1), **kw)
+                                    ring_bytes=self._ring(kind, w, up is not None), stamps=stamps, **kw)
         else:
             gemv.gemv(x, w, out, config=self.gemv_configs.get(kind), scale=s, up=up, up_scale=us,
                       prefetch=self.prefetch, preload=self.preload, trigger=self.trigger, pdl=self.pdl, **kw)

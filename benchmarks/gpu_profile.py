@@ -82,7 +82,6 @@ VARIANTS = {
 def variant_knobs(variant: str) -> dict:
     """A variant's decoder knobs: from VARIANTS, or "stream [ringN] [chunkM] [downN ...] [knob=value ...]" (the
     bulk-copy GEMVs; sizes in KiB; qkvN / gate_upN / downN / headN: that kind's ring, the others' as the default;
-    qkv*P / gate_up*P / ...: P programs per SM for that kind;
     knob=value: any other integer knob of the decoder, e.g. attention_warps=4)."""
     if variant in VARIANTS:
         return dict(VARIANTS[variant])
@@ -100,8 +99,6 @@ def variant_knobs(variant: str) -> dict:
             for kind in ("qkv", "gate_up", "down", "head"):
                 if word.startswith(kind) and word[len(kind):].rstrip("k").isdigit():
                     knobs.setdefault("stream_rings", {})[kind] = int(word[len(kind):].rstrip("k")) * 1024
-                if word.startswith(kind + "*") and word[len(kind) + 1:].isdigit():
-                    knobs.setdefault("stream_programs", {})[kind] = int(word[len(kind) + 1:])
         return knobs
     raise SystemExit(f"unknown variant {variant!r}")
 

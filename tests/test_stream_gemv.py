@@ -125,10 +125,6 @@ def test_decoder_rings_and_combine_heads(tiny_model, monkeypatch):
     assert d._ring("qkv", qwen, False) == 64 * 1024
     assert d._ring("gate_up", qwen, True) == stream_gemv.GATE_UP_RING_BYTES == 208 * 1024
     assert d._ring("down", qwen, False) == d._ring("head", qwen, False) == stream_gemv.RING_BYTES
-    d.stream_programs = {"gate_up": 2, "qkv": 2}  # two programs per SM share its ring
-    assert d._ring("gate_up", qwen, True) == stream_gemv.GATE_UP_RING_BYTES // 2
-    assert d._ring("qkv", qwen, False) == 32 * 1024
-    assert d._ring("down", qwen, False) == stream_gemv.RING_BYTES
     d.stream_rings = {"qkv": 96 * 1024, "gate_up": 144 * 1024}
     assert d._ring("qkv", llama, False) == 96 * 1024
     assert d._ring("gate_up", qwen, True) == 144 * 1024
@@ -178,22 +174,6 @@ def test_stream_gemv_matches_the_reference(n, k, gated, dtype):
         gemv.gemv_torch(xh, w, b, accumulate=True)
         assert _rel(a - base, b - base) < 1e-2
         assert torch.equal(a[n:], b[n:])
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("n,k,gated", [(6144, 2048, True), (2048, 6144, False), (999, 2048, True)])
-def test_stream_gemv_two_programs_per_sm_give_the_same_outputs(n, k, gated):
-    """Each row's sums do not depend on which program owns it: the same bits with twice the programs."""
-    w = _rand(n, k, dtype=torch.bfloat16, seed=26, scale=k ** -0.5)
-    up = _rand(n, k, dtype=torch.bfloat16, seed=27, scale=k ** -0.5) if gated else None
-    x, norm_w = _rand(k, seed=28), _rand(k, dtype=torch.bfloat16, seed=29) + 1
-    a, b = torch.zeros(n, device="cuda"), torch.zeros(n, device="cuda")
-    stream_gemv.stream_gemv(x, w, a, up=up, norm_w=norm_w)
-    stream_gemv.stream_gemv(x, w, b, up=up, norm_w=norm_w, programs_per_sm=2, ring_bytes=96 * 1024)
-    assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="programs_per_sm"):
-        stream_gemv.stream_gemv(x, w, b, up=up, programs_per_sm=3)
 
 
 @pytest.mark.gpu

@@ -98,12 +98,11 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, norm_w: 
                 eps: float = 1e-6, norm_offset: float = 0.0, up: torch.Tensor | None = None, act: str = "silu",
                 accumulate: bool = False, argmax: tuple[torch.Tensor, torch.Tensor] | None = None,
                 pdl: bool = False, chunk_bytes: int = CHUNK_BYTES, ring_bytes: int = RING_BYTES,
-                stamps: torch.Tensor | None = None, programs_per_sm: int = 1) -> torch.Tensor:
+                stamps: torch.Tensor | None = None) -> torch.Tensor:
     """As `gemv.gemv` (x: [K] or [1, K]; w, up: [N, K] bf16/fp16 contiguous; out: [N]), on NVIDIA sm_90+.
 
     `argmax`: fp32 and int32 buffers of `plan(...).grid` entries (one per program). `stamps` (a measurement): int64,
-    64 per program; each program writes the GPU's global timer (ns) at the points `stream_gemv.cu` lists.
-    `programs_per_sm`: the rows split over that many programs per SM (each with a ring of `ring_bytes`)."""
+    64 per program; each program writes the GPU's global timer (ns) at the points `stream_gemv.cu` lists."""
     n, k = w.shape
     gated = up is not None
     if w.dtype not in (torch.bfloat16, torch.float16) or not w.is_contiguous() or (gated and (
@@ -123,9 +122,7 @@ def stream_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, norm_w: 
     reason = available(w.device)
     if reason is not None:
         raise ValueError(f"stream_gemv {reason}")
-    if programs_per_sm not in (1, 2):
-        raise ValueError(f"programs_per_sm must be 1 or 2, not {programs_per_sm}")
-    p = plan(n, k, gated, sms(w.device) * programs_per_sm, chunk_bytes, min(ring_bytes, ring_limit(w.device)))
+    p = plan(n, k, gated, sms(w.device), chunk_bytes, min(ring_bytes, ring_limit(w.device)))
     if p is None:
         raise ValueError(f"stream_gemv does not take K = {k}")
     if argmax is not None and (accumulate or argmax[0].numel() != p.grid or argmax[1].numel() != p.grid):
