@@ -273,9 +273,6 @@ def stamps(runner, reps=10) -> dict:
     seen is reported), so single stamps are coarse; the means over layers and replays are finer."""
     g, d = runner._greedy_graph, runner.decoder
     restore = restorer(d, ("positions", "slot", "tokens"))
-    per_layer = 4 if d.gemma else 3
-    kinds = ["qkv", "o", "gate_up", "down"] if d.gemma else ["qkv", "gate_up", "down"]
-    names = [kinds[i % per_layer] for i in range(per_layer * len(d.layers))] + ["head"]
     acc = defaultdict(lambda: defaultdict(float))
     counts = defaultdict(int)
     resolution, sample = None, {}
@@ -284,9 +281,13 @@ def stamps(runner, reps=10) -> dict:
         d.stamps.zero_()
         g.replay()
         torch.cuda.synchronize()
+        names = d.stamp_kinds  # the step's stream launches in order (the replayed graph's, recorded at its capture)
         st = d.stamps[:len(names)].cpu()
         prev_end = None
+        seen = defaultdict(int)
         for i, name in enumerate(names):
+            layer = seen[name]
+            seen[name] += 1
             t = st[i]
             t = t[t[:, 0] > 0].double() / 1e3
             start0 = t[:, 0].min()
@@ -296,7 +297,7 @@ def stamps(runner, reps=10) -> dict:
             if len(u) > 1:
                 step = float((u[1:] - u[:-1]).min() * 1e3)
                 resolution = step if resolution is None else min(resolution, step)
-            if i >= per_layer or name == "head":
+            if layer > 0 or name == "head":  # not the first layer's
                 a = acc[name]
                 a["start spread median"] += float(t[:, 0].median() - start0)
                 a["start spread last"] += float(t[:, 0].max() - start0)
@@ -312,7 +313,7 @@ def stamps(runner, reps=10) -> dict:
                 a["written"] += float(end - release)
                 a["late programs"] += float((t[:, 0] > start0 + 2).sum())  # started over 2 µs after the first
                 counts[name] += 1
-                if name != "head" and i // per_layer == len(d.layers) // 2:
+                if name != "head" and layer == len(d.layers) // 2:
                     late = t[:, 0] > start0 + 2
                     sample[name] = {"sm": t[:, 7].mul(1e3).round().long().tolist(), "late": late.tolist(),
                                     "start_us": (t[:, 0] - start0).round(decimals=2).tolist(),
