@@ -111,7 +111,6 @@ class FastDecoder:
         # a measurement (benchmarks/gpu_profile.py --stamps): int64 [stream GEMV launches per step, programs, 64]; the
         # step's i-th stream GEMV writes its programs' timer stamps into stamps[i] (stream_gemv.cu lists them)
         self.stamps: torch.Tensor | None = None
-        self._stamp = 0
         self.stamp_kinds: list[str] = []  # the kind (qkv, o, gate_up, down, head) of each stamps[i] of the step
         # Measured on an H100 (benchmarks/gpu_profile.py): 32-slot blocks with 8 warps for pass 1 of the attention,
         # 128-row programs for the combine + output projection; on an H200 with the stream GEMVs, two heads per
@@ -228,7 +227,7 @@ class FastDecoder:
         writes it to `self.tokens` as the next step's input and to `self.history[:, slot]`, so that consecutive
         greedy steps (one CUDA graph each) need nothing from the host between them."""
         triton_ = self.kernels == "triton"
-        self._stamp, self.stamp_kinds = 0, []
+        self.stamp_kinds = []
         (step.embed_ if triton_ else step.embed_torch_)(self.tokens, self.embed, self.h, self.embed_scale, self.pdl)
         if self._fused():
             self._layers_gemv(greedy)
@@ -301,7 +300,7 @@ class FastDecoder:
         if s is None and self._stream_plan(w, up is not None) is not None:
             stamps = None
             if self.stamps is not None:
-                stamps, self._stamp = self.stamps[self._stamp].view(-1), self._stamp + 1
+                stamps = self.stamps[len(self.stamp_kinds)].view(-1)
                 self.stamp_kinds.append(kind)
             stream_gemv.stream_gemv(x, w, out, up=up, pdl=self.pdl, chunk_bytes=self.stream_chunk_bytes,
                                     ring_bytes=self._ring(kind, w, up is not None), stamps=stamps, **kw)
