@@ -141,12 +141,20 @@ def test_decode_loop_uses_greedy_steps_in_chunks(tiny_model, monkeypatch):
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3"])
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
-def test_int8_fast_step_matches_the_dequantized_model(tiny_model, name, kernels):
+def test_int8_fast_step_matches_the_dequantized_model(tiny_model, name, kernels, monkeypatch):
     """Weight-only int8: `quantize_linears_` leaves q * s in the model's weights (so HF prefill and the HF step use
     them), and the fast step streaming the int8 rows (batch 1, triton) or multiplying by the dequantized weights
-    (batch 2, or torch kernels) gives the HF step's logits; the weights it streams are the int8 ones."""
+    (batch 2, or torch kernels) gives the HF step's logits; the weights it streams are the int8 ones (the dense q * s
+    would give the same logits, so the GEMVs are watched: every weight they get is int8, with its row scales)."""
     from backends import quantize
+    from backends.kernels import attention, gemv
 
+    streamed = []  # (weight dtype, has row scales) of each batch-1 GEMV and combine + W_o launch
+    real_gemv, real_oproj = gemv.gemv, attention.RopeAttention.combine_oproj_
+    monkeypatch.setattr(gemv, "gemv", lambda x, w, out, **kw: streamed.append(
+        (w.dtype, kw.get("scale") is not None)) or real_gemv(x, w, out, **kw))
+    monkeypatch.setattr(attention.RopeAttention, "combine_oproj_", lambda self, wo, h, *args, **kw: streamed.append(
+        (wo.dtype, kw.get("scale") is not None)) or real_oproj(self, wo, h, *args, **kw))
     loaded = models.load(models.resolve(str(tiny_model(name))), "fp32", "cpu")
     dense = {m: m.weight.clone() for m in quantize.linear_modules(loaded.model)}
     int8 = quantize.quantize_linears_(loaded.model)
@@ -161,11 +169,16 @@ def test_int8_fast_step_matches_the_dequantized_model(tiny_model, name, kernels)
         assert fast.info.details["weights"] == "int8"
         hf.start(c, 5)
         fast.start(c, 5)
+        streamed.clear()
         token = c.next_token_logits.argmax(-1)
         for _ in range(5):
             a, b = hf.decode_step(token), fast.decode_step(token)
             assert float((a - b).norm() / a.norm()) < 1e-5
             token = a.argmax(-1)
+        if c.batch == 1 and kernels == "triton":  # per layer qkv, o, gate/up, down; then the head
+            assert streamed == [(torch.int8, True)] * 5 * (4 * len(fast.decoder.layers) + 1)
+        else:
+            assert streamed == []
     model_bytes = fast.weight_bytes(2)
     linear = sum(w.numel() * w.element_size() for w in dense.values())
     assert model_bytes == models_weight_bytes(loaded.model)  # batch 2 multiplies by the dense weights
