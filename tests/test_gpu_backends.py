@@ -56,9 +56,18 @@ def test_cpu_only_build_refuses_both_with_one_line(monkeypatch):
 
 
 def test_no_programmatic_dependent_launch_on_rocm(monkeypatch):
+    """Compiled kernels on a GPU that reports sm_90 (faked): PDL on a CUDA build, not on a ROCm build (the
+    interpreter, which conftest.py turns on here, would refuse PDL before the build is looked at)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    assert pdl_supported(torch.device("cuda"))
     monkeypatch.setattr(torch.version, "hip", "6.2", raising=False)
     assert not pdl_supported(torch.device("cuda"))
     assert not pdl_supported(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    assert not pdl_supported(torch.device("cuda"))
 
 
 def test_flash_attention_needs_its_package():
