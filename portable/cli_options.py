@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from portable.config import ATTENTION, DEFAULT_PROMPT, KERNELS
+from portable.config import ATTENTION, DEFAULT_PROMPT, KERNELS, SamplingConfig
 from portable.errors import PortableError
 
 BACKEND_NAMES = ("cpu", "cuda", "rocm", "onnxruntime")  # backends.BACKENDS, without importing torch for --help
@@ -36,7 +36,7 @@ Temperature = Annotated[float, typer.Option("--temperature", min=0.0, help="0 = 
 TopK = Annotated[int, typer.Option("--top-k", min=0, help="Keep the k most likely tokens (0 = off).")]
 TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling (1 = off).")]
 RepPenalty = Annotated[float, typer.Option("--repetition-penalty", min=0.0, help="1 = off.")]
-Seed = Annotated[int, typer.Option("--seed", help="Seed of the host-side sampler.")]
+Seed = Annotated[int, typer.Option("--seed", min=0, help="Seed of the host-side sampler.")]
 IgnoreEos = Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at the end-of-sequence token.")]
 Kernels = Annotated[str, typer.Option("--kernels", help=f"GPU backends: {' or '.join(KERNELS)} fused kernels.")]
 OrtProvider = Annotated[Optional[str], typer.Option(
@@ -103,6 +103,17 @@ def artifact_times(compile_s: float | None, save_s: float | None, load_s: float 
     times = [(name, value) for name, value in (("compile", compile_s), ("save", save_s), ("load", load_s))
              if value is not None]
     return " | ".join(f"{name} {value:.2f} s" for name, value in times) or None
+
+
+def sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int) -> SamplingConfig:
+    """The sampling options as one config; a value that would be meaningless or take no effect is refused."""
+    if repetition_penalty <= 0:
+        raise PortableError(f"--repetition-penalty must be above 0 (1 = off), not {repetition_penalty:g}")
+    if temperature == 0 and (top_k or top_p < 1.0):
+        raise PortableError("--top-k and --top-p apply to sampling only, and --temperature 0 is greedy; give a "
+                            "--temperature above 0 or leave them out")
+    return SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                          seed=seed)
 
 
 def read_prompts(prompts: list[str] | None) -> tuple[str, ...]:

@@ -230,3 +230,20 @@ def test_options_that_do_not_fit_the_backend_are_refused(made, tmp_path):
                                                                  tmp_path / "c.safetensors"))
     assert "not among --backend cpu" in one_line_error(invoke("parity", "--cache", cache, "--ort-provider", "cpu",
                                                               "-n", 2))
+
+
+def usage_error(result, option):
+    """A value typer's range check refuses: exit 2, the option named, no traceback."""
+    assert result.exit_code == 2, result.output
+    assert option in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", ["decode", "reference", "parity"])
+def test_sampling_options_that_would_be_meaningless_or_ignored_are_refused(made, tmp_path, command):
+    _, cache, _ = made
+    base = (command, "--cache", cache, "-n", 2) + (("--out", tmp_path / "r.st") if command == "reference" else ())
+    usage_error(invoke(*base, "--temperature", 1, "--seed", -1), "--seed")
+    assert "--repetition-penalty must be above 0" in one_line_error(invoke(*base, "--repetition-penalty", 0))
+    for option, value in (("--top-k", 5), ("--top-p", 0.5)):
+        assert "apply to sampling only" in one_line_error(invoke(*base, option, value))
+    assert not (tmp_path / "r.st").exists()
