@@ -16,7 +16,7 @@ import typer
 from portable.cli_options import (ArtifactDir, Attn, Backend, CachePath, Debug, Device, IgnoreEos, JsonOut,
                                   Kernels, MaxNew, Model, OrtProvider, Precision, Quiet, Rebuild, RepPenalty, Seed,
                                   Stop, Temperature, TopK, TopP, artifact_times, check_choice, command, device_for,
-                                  ort_only, read_prompts, sampling, split_list)
+                                  ort_only, read_prompts, sampling, split_list, stop_strings)
 from portable.config import ALL_PRECISIONS, ATTENTION, CACHE_STORAGE, DEFAULT_CACHE, KERNELS, PRECISIONS, RunConfig
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -120,7 +120,7 @@ def decode(
     config = RunConfig(
         model=model, cache_path=cache, backend=backend, precision=precision, device=device_for(backend, device),
         attn=check_choice(attn, ATTENTION, "attention"), kernels=check_choice(kernels, KERNELS, "kernels"),
-        max_new_tokens=max_new_tokens, stop=tuple(stop or ()), ignore_eos=ignore_eos,
+        max_new_tokens=max_new_tokens, stop=stop_strings(stop), ignore_eos=ignore_eos,
         sampling=sampling(temperature, top_k, top_p, repetition_penalty, seed),
         parity=parity, reference_path=reference, force=force, compile=compile, sync_every=sync_every,
         ort_provider=ort_only(backend, ort_provider), rebuild=rebuild, artifact_dir=artifact_dir, json_path=json_path,
@@ -209,7 +209,7 @@ def reference(
     from portable import models, pipeline
     from portable.report import megabytes
 
-    config = RunConfig(model=model, cache_path=cache, max_new_tokens=max_new_tokens, stop=tuple(stop or ()),
+    config = RunConfig(model=model, cache_path=cache, max_new_tokens=max_new_tokens, stop=stop_strings(stop),
                        ignore_eos=ignore_eos, sampling=sampling(temperature, top_k, top_p, repetition_penalty, seed))
     cache_cpu = load_cache(cache)
     source = models.resolve(model or cache_cpu.model.get("source"))
@@ -277,7 +277,7 @@ def parity_matrix(
                             f"{','.join(names)}")
     config = RunConfig(model=model, attn=check_choice(attn, ATTENTION, "attention"),
                        kernels=check_choice(kernels, KERNELS, "kernels"), max_new_tokens=max_new_tokens,
-                       stop=tuple(stop or ()), ignore_eos=ignore_eos,
+                       stop=stop_strings(stop), ignore_eos=ignore_eos,
                        sampling=sampling(temperature, top_k, top_p, repetition_penalty, seed),
                        device=device, ort_provider=ort_provider, artifact_dir=artifact_dir, quiet=True)
     prompts = read_prompts(prompt) if prompt else ()

@@ -116,6 +116,13 @@ def sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: f
                           seed=seed)
 
 
+def stop_strings(stop: list[str] | None) -> tuple[str, ...]:
+    """--stop values; an empty one would match any text and end every sequence at its first token."""
+    if any(s == "" for s in stop or ()):
+        raise PortableError("--stop '' is empty: it would end every sequence at its first token; give some text")
+    return tuple(stop or ())
+
+
 def read_prompts(prompts: list[str] | None) -> tuple[str, ...]:
     if not prompts:
         return (DEFAULT_PROMPT,)

@@ -247,3 +247,10 @@ def test_sampling_options_that_would_be_meaningless_or_ignored_are_refused(made,
     for option, value in (("--top-k", 5), ("--top-p", 0.5)):
         assert "apply to sampling only" in one_line_error(invoke(*base, option, value))
     assert not (tmp_path / "r.st").exists()
+
+
+@pytest.mark.parametrize("command", ["decode", "reference", "parity"])
+def test_an_empty_stop_string_is_refused(made, tmp_path, command):
+    _, cache, _ = made  # '' is in every text: each sequence would end at its first token
+    extra = ("--out", tmp_path / "r.st") if command == "reference" else ()
+    assert "--stop '' is empty" in one_line_error(invoke(command, "--cache", cache, "-n", 4, "--stop", "", *extra))
