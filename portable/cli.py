@@ -115,8 +115,12 @@ def decode(
     """
     from portable import pipeline
     from portable.report import megabytes, write_json
+    from portable.errors import PortableError
     from portable.streaming import TextStreamer
 
+    if reference is not None and not parity:
+        raise PortableError("--reference is the parity check's reference, and --no-parity turns the check off; leave "
+                            "one of them out")
     config = RunConfig(
         model=model, cache_path=cache, backend=backend, precision=precision, device=device_for(backend, device),
         attn=check_choice(attn, ATTENTION, "attention"), kernels=check_choice(kernels, KERNELS, "kernels"),

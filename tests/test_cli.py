@@ -254,3 +254,9 @@ def test_an_empty_stop_string_is_refused(made, tmp_path, command):
     _, cache, _ = made  # '' is in every text: each sequence would end at its first token
     extra = ("--out", tmp_path / "r.st") if command == "reference" else ()
     assert "--stop '' is empty" in one_line_error(invoke(command, "--cache", cache, "-n", 4, "--stop", "", *extra))
+
+
+def test_a_reference_without_parity_is_refused(made, tmp_path):
+    _, cache, _ = made  # it used to be ignored in silence
+    line = one_line_error(invoke("decode", "--cache", cache, "--reference", tmp_path / "r.st", "--no-parity"))
+    assert "--no-parity" in line
