@@ -25,7 +25,7 @@ sizes) are checked where the model is known: `caches.hf.check_compatible`.
 from __future__ import annotations
 
 import json
-import os
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,7 +37,7 @@ from caches import fileformat, quant
 from caches.container import PromptCache
 from caches.layers import KV_LAYOUT, LAYER_KINDS, AttentionLayer
 from portable import __version__
-from portable.errors import CacheFileError
+from portable.errors import CacheFileError, PortableError
 
 FORMAT_NAME = "portable-kv-cache"
 FORMAT_VERSION = 1
@@ -62,17 +62,24 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def check_writable(path: Path) -> None:
-    """Fail before any work if `path` cannot become a cache file (a folder, or a parent that is a file)."""
+def check_writable(path: Path, what: str = "cache", folder: bool = False) -> None:
+    """Fail before any work if `path` cannot become the file of `what` (with `folder`, the folder for its files): a
+    folder where a file is meant or the reverse, a parent that is a file, or a place where nothing can be created."""
     path = Path(path)
-    if path.is_dir():
-        raise CacheFileError(f"{path} is a directory; give a file path for the cache "
-                             f"(e.g. {path / 'kv_cache.safetensors'})")
-    parent = next((p for p in path.parents if p.exists()), None)
+    error = CacheFileError if what == "cache" else PortableError
+    if folder and path.exists() and not path.is_dir():
+        raise error(f"{path} is not a directory; give a folder for the {what}")
+    if not folder and path.is_dir():
+        example = f" (e.g. {path / 'kv_cache.safetensors'})" if what == "cache" else ""
+        raise error(f"{path} is a directory; give a file path for the {what}{example}")
+    parent = next((p for p in [*([path] if folder else []), *path.parents] if p.exists()), None)
     if parent is not None and not parent.is_dir():
-        raise CacheFileError(f"cannot write {path}: {parent} is not a directory")
-    if parent is not None and not os.access(parent, os.W_OK):
-        raise CacheFileError(f"cannot write {path}: {parent} is not writable")
+        raise error(f"cannot write {path}: {parent} is not a directory")
+    if parent is not None:
+        try:  # create a file rather than ask os.access, which says yes to root where none can be made (/proc, /sys)
+            tempfile.TemporaryFile(dir=parent).close()
+        except OSError as e:
+            raise error(f"cannot write {path}: {parent} is not writable ({e.strerror or e})") from e
 
 
 def save_cache(cache: PromptCache, path: Path, storage: str = "native") -> dict:

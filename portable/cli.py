@@ -15,8 +15,8 @@ import typer
 
 from portable.cli_options import (ArtifactDir, Attn, Backend, CachePath, Debug, Device, IgnoreEos, JsonOut,
                                   Kernels, MaxNew, Model, OrtProvider, Precision, Quiet, Rebuild, RepPenalty, Seed,
-                                  Stop, Temperature, TopK, TopP, artifact_times, check_choice, command, device_for,
-                                  ort_only, read_prompts, sampling, split_list, stop_strings)
+                                  Stop, Temperature, TopK, TopP, artifact_times, check_choice, check_output, command,
+                                  device_for, ort_only, read_prompts, sampling, split_list, stop_strings)
 from portable.config import ALL_PRECISIONS, ATTENTION, CACHE_STORAGE, DEFAULT_CACHE, KERNELS, PRECISIONS, RunConfig
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -53,6 +53,7 @@ def prefill(
     from portable import pipeline
     from portable.report import megabytes, write_json
 
+    check_output("--json", json_path)
     config = RunConfig(model=model, prompts=read_prompts(prompt), batch=batch, cache_path=out, backend=backend,
                        precision=precision, device=device_for(backend, device), attn=check_choice(attn, ATTENTION, "attention"),
                        cache_storage=check_choice(cache_storage, CACHE_STORAGE, "cache storage"),
@@ -121,6 +122,7 @@ def decode(
     if reference is not None and not parity:
         raise PortableError("--reference is the parity check's reference, and --no-parity turns the check off; leave "
                             "one of them out")
+    check_output("--json", json_path)
     config = RunConfig(
         model=model, cache_path=cache, backend=backend, precision=precision, device=device_for(backend, device),
         attn=check_choice(attn, ATTENTION, "attention"), kernels=check_choice(kernels, KERNELS, "kernels"),
@@ -215,6 +217,7 @@ def reference(
 
     config = RunConfig(model=model, cache_path=cache, max_new_tokens=max_new_tokens, stop=stop_strings(stop),
                        ignore_eos=ignore_eos, sampling=sampling(temperature, top_k, top_p, repetition_penalty, seed))
+    check_output("--out", out, what="reference")
     cache_cpu = load_cache(cache)
     source = models.resolve(model or cache_cpu.model.get("source"))
     ref = pipeline.reference_decode(cache_cpu, source, config, cache_cpu.file_info.get("payload_crc32"))
@@ -276,6 +279,9 @@ def parity_matrix(
     if cache and prompt:
         raise PortableError("give cache files (--cache) or prompts (--prompt), not both")
     paths = [Path(c) for c in split_list(cache)] if cache else [DEFAULT_CACHE]
+    check_output("--json", json_path)
+    if plots:
+        check_output("--out", out, what="plots", folder=True)
     if ort_provider is not None and "onnxruntime" not in names:
         raise PortableError("--ort-provider applies to the onnxruntime backend, which is not among --backend "
                             f"{','.join(names)}")
@@ -355,6 +361,7 @@ def export_artifact(
     from portable import export as export_job
     from portable.report import megabytes, write_json
 
+    check_output("--json", json_path)
     config = RunConfig(model=model, backend=backend, precision=precision, device=device,
                        ort_provider=ort_only(backend, ort_provider), rebuild=rebuild, artifact_dir=artifact_dir,
                        quiet=quiet)

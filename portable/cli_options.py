@@ -95,6 +95,15 @@ def device_for(backend: str, device: str | None) -> str | None:
     return device
 
 
+def check_output(option: str, path: Path | None, what: str = "JSON report", folder: bool = False) -> None:
+    """Before any work: the output `path` (a file, or with `folder` a folder) can be written."""
+    if path is None:
+        return
+    from caches import check_writable
+
+    check_writable(path, what, folder=folder)
+
+
 def artifact_times(compile_s: float | None, save_s: float | None, load_s: float | None,
                    reused: bool | None) -> str | None:
     """"compile X s | save Y s | load Z s" for a compiled artifact; a reused one says that it skipped the first two."""

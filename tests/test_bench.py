@@ -458,3 +458,19 @@ def test_the_attention_oproj_case_does_the_same_job_on_both_sides():
     h_both = fns["torch"]()  # the same residual tensor: now holds both additions
     assert nbytes > 0 and h_fused.abs().sum() > 0
     assert torch.allclose(h_both, 2 * h_fused, rtol=1e-4, atol=1e-5)
+
+
+def test_unusable_output_paths_fail_before_the_sweep_runs(tmp_path, monkeypatch):
+    def no_run(*a, **k):
+        raise AssertionError("the sweep ran before the output path was checked")
+
+    monkeypatch.setattr(run, "run_sweep", no_run)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for args, message in ((("-o", tmp_path, "--format", "json"), "is a directory"),
+                          (("-o", blocker / "r.json"), "is not a directory"),
+                          (("--profile", blocker), "is not a directory")):
+        result = invoke("-t", "pp8", "-r", "1", *args)
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, args
+    result = invoke("kernels", "--interpret", "-k", "rmsnorm", "-o", blocker)
+    assert result.exit_code == 2 and "is not a directory" in result.output

@@ -4,6 +4,7 @@ error (non-zero exit, no traceback unless --debug, nothing overwritten)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -260,3 +261,29 @@ def test_a_reference_without_parity_is_refused(made, tmp_path):
     _, cache, _ = made  # it used to be ignored in silence
     line = one_line_error(invoke("decode", "--cache", cache, "--reference", tmp_path / "r.st", "--no-parity"))
     assert "--no-parity" in line
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs /proc, where no file can be created")
+def test_outputs_where_no_file_can_be_made_fail_before_any_work(made, tmp_path, monkeypatch):
+    """Checked by creating a file, not by os.access, which says yes to root (as on the project's machines) there."""
+    folder, cache, _ = made
+    from portable import models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was resolved before the output path was checked")
+
+    monkeypatch.setattr(models, "resolve", no_load)
+    nowhere = Path("/proc/portable-test")
+    for args in (("prefill", "--model", folder, "--out", nowhere / "c.st"),
+                 ("prefill", "--model", folder, "--out", tmp_path / "c.st", "--json", nowhere / "r.json"),
+                 ("decode", "--cache", cache, "--json", nowhere / "r.json"),
+                 ("reference", "--cache", cache, "--out", nowhere / "r.st"),
+                 ("parity", "--cache", cache, "--out", nowhere / "plots"),
+                 ("export", "--model", folder, "--json", nowhere / "r.json")):
+        assert "cannot write /proc/portable-test" in one_line_error(invoke(*args)), args
+    assert not (tmp_path / "c.st").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert "is a directory" in one_line_error(invoke("decode", "--cache", cache, "--json", tmp_path))
+    assert "is a directory" in one_line_error(invoke("reference", "--cache", cache, "--out", tmp_path))
+    assert "is not a directory" in one_line_error(invoke("parity", "--cache", cache, "--out", blocker))

@@ -14,7 +14,7 @@ import typer
 
 from portable.bench.plan import GPU_SYNC_EVERY
 from portable.bench.spec import SweepSpec
-from portable.cli_options import BACKEND_NAMES, Debug, command, fail
+from portable.cli_options import BACKEND_NAMES, Debug, check_output, command, fail
 from portable.config import ALL_PRECISIONS, ATTENTION, KERNELS
 
 DEFAULTS = SweepSpec()
@@ -100,6 +100,8 @@ def bench(
         compile=compile, device=device, seed=base.seed if seed is None else seed,
         compare=parse_names(compare, "compare") if compare else (), profile_dir=profile)
     out_format, out_file = _output(output, fmt)
+    check_output("--output", out_file, what="results")
+    check_output("--profile", profile, what="profiler traces", folder=True)
 
     if measure_peak:
         _measure_peaks(spec)
@@ -192,6 +194,7 @@ def kernels_cmd(
     from portable.bench.spec import parse_names
 
     selected = parse_names(names, "kernel", tuple(kb.KERNELS)) if names else tuple(kb.KERNELS)
+    check_output("--out", out, what="plots and tables", folder=True)
     for table, png in kb.run(selected, dtype=dtype, out=out, interpret=interpret):
         typer.echo(table)
         typer.echo(f"plot: {png}")
