@@ -53,7 +53,7 @@ def prefill(
     from portable import pipeline
     from portable.report import megabytes, write_json
 
-    check_output("--json", json_path)
+    check_output("--json", json_path, ("--out", out))
     config = RunConfig(model=model, prompts=read_prompts(prompt), batch=batch, cache_path=out, backend=backend,
                        precision=precision, device=device_for(backend, device), attn=check_choice(attn, ATTENTION, "attention"),
                        cache_storage=check_choice(cache_storage, CACHE_STORAGE, "cache storage"),
@@ -122,7 +122,7 @@ def decode(
     if reference is not None and not parity:
         raise PortableError("--reference is the parity check's reference, and --no-parity turns the check off; leave "
                             "one of them out")
-    check_output("--json", json_path)
+    check_output("--json", json_path, ("--cache", cache), ("--reference", reference))
     config = RunConfig(
         model=model, cache_path=cache, backend=backend, precision=precision, device=device_for(backend, device),
         attn=check_choice(attn, ATTENTION, "attention"), kernels=check_choice(kernels, KERNELS, "kernels"),
@@ -217,7 +217,7 @@ def reference(
 
     config = RunConfig(model=model, cache_path=cache, max_new_tokens=max_new_tokens, stop=stop_strings(stop),
                        ignore_eos=ignore_eos, sampling=sampling(temperature, top_k, top_p, repetition_penalty, seed))
-    check_output("--out", out, what="reference")
+    check_output("--out", out, ("--cache", cache), what="reference")
     cache_cpu = load_cache(cache)
     source = models.resolve(model or cache_cpu.model.get("source"))
     ref = pipeline.reference_decode(cache_cpu, source, config, cache_cpu.file_info.get("payload_crc32"))
@@ -279,7 +279,7 @@ def parity_matrix(
     if cache and prompt:
         raise PortableError("give cache files (--cache) or prompts (--prompt), not both")
     paths = [Path(c) for c in split_list(cache)] if cache else [DEFAULT_CACHE]
-    check_output("--json", json_path)
+    check_output("--json", json_path, *(("--cache", p) for p in paths))
     if plots:
         check_output("--out", out, what="plots", folder=True)
     if ort_provider is not None and "onnxruntime" not in names:

@@ -95,12 +95,18 @@ def device_for(backend: str, device: str | None) -> str | None:
     return device
 
 
-def check_output(option: str, path: Path | None, what: str = "JSON report", folder: bool = False) -> None:
-    """Before any work: the output `path` (a file, or with `folder` a folder) can be written."""
+def check_output(option: str, path: Path | None, *inputs: tuple[str, Path | str | None], what: str = "JSON report",
+                 folder: bool = False) -> None:
+    """Before any work: the output `path` (a file, or with `folder` a folder) can be written, and is none of the
+    command's other files `inputs` ((option, path) pairs), which writing it would replace."""
     if path is None:
         return
     from caches import check_writable
 
+    for other, value in inputs:
+        if value is not None and Path(value).resolve() == Path(path).resolve():
+            raise PortableError(f"{option} {path} is also the {other} file, which writing it would replace; give "
+                                f"another path")
     check_writable(path, what, folder=folder)
 
 

@@ -263,6 +263,17 @@ def test_a_reference_without_parity_is_refused(made, tmp_path):
     assert "--no-parity" in line
 
 
+def test_an_output_that_is_also_an_input_is_refused_before_it_is_replaced(made, tmp_path):
+    _, cache, _ = made
+    before = cache.read_bytes()
+    same = tmp_path / ".." / tmp_path.name / "c.safetensors"  # another spelling of one path
+    assert "is also the --out file" in one_line_error(invoke("prefill", "--out", same, "--json", same))
+    assert "is also the --cache file" in one_line_error(invoke("decode", "--cache", cache, "-n", 2, "--json", cache))
+    assert "is also the --cache file" in one_line_error(invoke("reference", "--cache", cache, "-n", 2, "--out", cache))
+    assert "is also the --cache file" in one_line_error(invoke("parity", "--cache", cache, "-n", 2, "--json", cache))
+    assert cache.read_bytes() == before and not same.exists()
+
+
 @pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs /proc, where no file can be created")
 def test_outputs_where_no_file_can_be_made_fail_before_any_work(made, tmp_path, monkeypatch):
     """Checked by creating a file, not by os.access, which says yes to root (as on the project's machines) there."""
