@@ -45,6 +45,21 @@ def tokenize(tokenizer, prompts: list[str], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
+def check_context(model_config, prompt_tokens: int, max_new_tokens: int = 0) -> None:
+    """Refuse to run past the model's context (`max_position_embeddings`): a learned position table (GPTBigCode) fails
+    there with an IndexError, rotary models go on in silence at positions they never saw. Decoding n tokens after p
+    feeds positions up to p + n - 2 (the first new token comes from the prefill's logits)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(limit, int):  # no position limit (Mamba)
+        return
+    if prompt_tokens > limit:
+        raise PortableError(f"the prompt is {prompt_tokens} tokens, more than the model's context of {limit} "
+                            f"(max_position_embeddings); give a shorter prompt")
+    if max_new_tokens and prompt_tokens + max_new_tokens - 1 > limit:
+        raise PortableError(f"{max_new_tokens} new tokens after a {prompt_tokens}-token prompt run past the model's "
+                            f"context of {limit} (max_position_embeddings); at most {limit - prompt_tokens + 1} fit")
+
+
 def batch_prompts(prompts: tuple[str, ...], batch: int) -> list[str]:
     """One prompt repeated `batch` times, or several prompts (then batch must be 1 or their number)."""
     if len(prompts) == 1:
@@ -67,6 +82,7 @@ def prefill(config: RunConfig) -> PrefillReport:
     prompts = batch_prompts(config.prompts, config.batch)
     pad_id = _pad_id(runner)
     ids, mask = tokenize(runner.tokenizer, prompts, pad_id)
+    check_context(runner.config, ids.shape[1])
     if runner.device.type != "cpu":
         runner.prefill(ids, mask)  # warm-up: kernel selection and allocator growth stay out of the timing
     runner.synchronize()
@@ -148,6 +164,7 @@ def reference_decode(cache_cpu: PromptCache, source: models.ModelSource, config:
     runner = backends.resolve("cpu").load(ref_config, source)
     cache = cache_cpu.to("cpu", torch.float32)
     hf_caches.check_compatible(cache, runner.config)
+    check_context(runner.config, cache.seen_tokens, config.max_new_tokens)
     if lossy_storage(cache_cpu):
         cache = runner.prefill(cache_cpu.input_ids, cache_cpu.attention_mask)
     result = run_decode(runner, cache, Sampler(config.sampling, cache.batch), config.max_new_tokens,
@@ -248,6 +265,7 @@ def decode(config: RunConfig, on_tokens: Callable[[int, list[int | None]], None]
     start = time.perf_counter()
     cache_cpu = load_cache(config.cache_path)
     hf_caches.check_compatible(cache_cpu, runner.config)
+    check_context(runner.config, cache_cpu.seen_tokens, config.max_new_tokens)
     warnings = check_identity(cache_cpu, runner.info.identity, config.force)
     cache = runner.place_cache(cache_cpu) if hasattr(runner, "place_cache") else cache_cpu.to(runner.device,
                                                                                                 runner.dtype)

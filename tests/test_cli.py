@@ -298,3 +298,20 @@ def test_outputs_where_no_file_can_be_made_fail_before_any_work(made, tmp_path, 
     assert "is a directory" in one_line_error(invoke("decode", "--cache", cache, "--json", tmp_path))
     assert "is a directory" in one_line_error(invoke("reference", "--cache", cache, "--out", tmp_path))
     assert "is not a directory" in one_line_error(invoke("parity", "--cache", cache, "--out", blocker))
+
+
+def test_prompts_and_decodes_past_the_models_context_are_refused(tiny_model, tmp_path):
+    """GPTBigCode's learned positions end at n_positions (256 here): past them it was an unexpected IndexError; a
+    rotary model went on in silence."""
+    folder = tiny_model("gpt_bigcode")
+    line = one_line_error(invoke("prefill", "--model", folder, "--prompt", "-", "--out", tmp_path / "long.st",
+                                 input="x = 1\n" * 100))
+    assert "more than the model's context of 256" in line and not (tmp_path / "long.st").exists()
+    cache = tmp_path / "c.st"
+    assert invoke("prefill", "--model", folder, "--prompt", "x = 1", "--out", cache).exit_code == 0
+    fits = 256 - json.loads(invoke("cache", "inspect", cache, "--json").stdout)["seq_len"] + 1
+    for command, out in (("decode", "--json"), ("reference", "--out")):
+        line = one_line_error(invoke(command, "--cache", cache, "-n", fits + 1, out, tmp_path / "r"))
+        assert f"run past the model's context of 256 (max_position_embeddings); at most {fits} fit" in line
+    result = invoke("decode", "--cache", cache, "-n", fits, "--ignore-eos", "--no-parity", "-q")
+    assert result.exit_code == 0, result.output
