@@ -141,9 +141,17 @@ def stop_strings(stop: list[str] | None) -> tuple[str, ...]:
 def read_prompts(prompts: list[str] | None) -> tuple[str, ...]:
     if not prompts:
         return (DEFAULT_PROMPT,)
+    if prompts.count("-") > 1:
+        raise PortableError("--prompt - reads stdin to its end, so it can be given once")
     out = []
     for p in prompts:
-        out.append(sys.stdin.read() if p == "-" else p.replace("\\n", "\n").replace("\\t", "\t"))
+        where = "the prompt on stdin" if p == "-" else "a --prompt value"
+        try:  # undecodable bytes (from stdin, or from argv as surrogates) would fail deep in the tokenizer
+            text = sys.stdin.read() if p == "-" else p.replace("\\n", "\n").replace("\\t", "\t")
+            text.encode("utf-8")
+        except UnicodeError as e:
+            raise PortableError(f"{where} is not valid UTF-8 text") from e
+        out.append(text)
     return tuple(out)
 
 

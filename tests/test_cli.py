@@ -315,3 +315,16 @@ def test_prompts_and_decodes_past_the_models_context_are_refused(tiny_model, tmp
         assert f"run past the model's context of 256 (max_position_embeddings); at most {fits} fit" in line
     result = invoke("decode", "--cache", cache, "-n", fits, "--ignore-eos", "--no-parity", "-q")
     assert result.exit_code == 0, result.output
+
+
+def test_prompts_that_are_not_text_or_read_stdin_twice_are_refused(made, tmp_path):
+    folder, _, _ = made
+    out = tmp_path / "c.st"
+    line = one_line_error(invoke("prefill", "--model", folder, "--prompt", "-", "--out", out, input=b"def \xff(x):"))
+    assert "the prompt on stdin is not valid UTF-8 text" in line
+    # undecodable argv bytes reach Python as lone surrogates (and were an unexpected TypeError in the tokenizer)
+    line = one_line_error(invoke("prefill", "--model", folder, "--prompt", "def \udcff(x):", "--out", out))
+    assert "a --prompt value is not valid UTF-8 text" in line
+    line = one_line_error(invoke("prefill", "--model", folder, "--prompt", "-", "--prompt", "-", "--out", out,
+                                 input="def f(x):"))
+    assert "can be given once" in line and not out.exists()
