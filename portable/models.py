@@ -215,7 +215,13 @@ def _attention_free(path: Path) -> bool:
     """Recurrent models (Mamba) take no attention implementation."""
     from portable.architectures import ARCHITECTURES
 
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ModelLoadError(f"cannot read {path / 'config.json'}: {e}") from e
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path / 'config.json'} is not a model config (not a JSON object)")
+    model_type = config.get("model_type")
     return any(a.model_type == model_type and a.cache_kinds == ("recurrent",) for a in ARCHITECTURES.values())
 
 

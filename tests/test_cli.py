@@ -328,3 +328,13 @@ def test_prompts_that_are_not_text_or_read_stdin_twice_are_refused(made, tmp_pat
     line = one_line_error(invoke("prefill", "--model", folder, "--prompt", "-", "--prompt", "-", "--out", out,
                                  input="def f(x):"))
     assert "can be given once" in line and not out.exists()
+
+
+def test_a_model_folder_with_a_damaged_config_is_a_load_error(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{")
+    line = one_line_error(invoke("prefill", "--model", folder, "--out", tmp_path / "c.st"))
+    assert f"cannot read {folder / 'config.json'}" in line  # was an unexpected JSONDecodeError
+    (folder / "config.json").write_text("[]")
+    assert "not a JSON object" in one_line_error(invoke("prefill", "--model", folder, "--out", tmp_path / "c.st"))
