@@ -203,6 +203,8 @@ def reference(
     top_p: TopP = 1.0,
     repetition_penalty: RepPenalty = 1.0,
     seed: Seed = 0,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Decode a cache made with different weights or tokenizer than the loaded model.")] = False,
     debug: Debug = False,
 ):
     """Decode a cache file once on CPU in FP32 and save the tokens and logits as a parity reference.
@@ -216,7 +218,8 @@ def reference(
     from portable.report import megabytes
 
     config = RunConfig(model=model, cache_path=cache, max_new_tokens=max_new_tokens, stop=stop_strings(stop),
-                       ignore_eos=ignore_eos, sampling=sampling(temperature, top_k, top_p, repetition_penalty, seed))
+                       ignore_eos=ignore_eos, sampling=sampling(temperature, top_k, top_p, repetition_penalty, seed),
+                       force=force)
     check_output("--out", out, ("--cache", cache), what="reference")
     cache_cpu = load_cache(cache)
     source = models.resolve(model or cache_cpu.model.get("source"))

@@ -165,6 +165,7 @@ def reference_decode(cache_cpu: PromptCache, source: models.ModelSource, config:
     cache = cache_cpu.to("cpu", torch.float32)
     hf_caches.check_compatible(cache, runner.config)
     check_context(runner.config, cache.seen_tokens, config.max_new_tokens)
+    check_identity(cache_cpu, runner.info.identity, config.force)  # a reference from other weights is no reference
     if lossy_storage(cache_cpu):
         cache = runner.prefill(cache_cpu.input_ids, cache_cpu.attention_mask)
     result = run_decode(runner, cache, Sampler(config.sampling, cache.batch), config.max_new_tokens,

@@ -338,3 +338,13 @@ def test_a_model_folder_with_a_damaged_config_is_a_load_error(tmp_path):
     assert f"cannot read {folder / 'config.json'}" in line  # was an unexpected JSONDecodeError
     (folder / "config.json").write_text("[]")
     assert "not a JSON object" in one_line_error(invoke("prefill", "--model", folder, "--out", tmp_path / "c.st"))
+
+
+def test_reference_refuses_a_cache_from_other_weights_unless_forced(made, tiny_model, tmp_path):
+    _, cache, _ = made  # decode refused it, reference wrote a "reference" of the wrong model in silence
+    other = tiny_model("llama", seed=1)
+    out = tmp_path / "r.st"
+    line = one_line_error(invoke("reference", "--cache", cache, "--model", other, "-n", 2, "--out", out))
+    assert "different model weights" in line and "--force" in line and not out.exists()
+    result = invoke("reference", "--cache", cache, "--model", other, "-n", 2, "--out", out, "--force")
+    assert result.exit_code == 0 and out.exists(), result.output
