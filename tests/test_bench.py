@@ -474,3 +474,10 @@ def test_unusable_output_paths_fail_before_the_sweep_runs(tmp_path, monkeypatch)
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, args
     result = invoke("kernels", "--interpret", "-k", "rmsnorm", "-o", blocker)
     assert result.exit_code == 2 and "is not a directory" in result.output
+
+
+def test_a_format_that_is_unknown_or_contradicts_the_output_is_refused(tmp_path):
+    bad = invoke("-t", "pp8", "-o", tmp_path / "r.json", "--format", "xml")  # said "cannot tell the format"
+    assert bad.exit_code == 2 and "unknown output format 'xml'" in bad.output
+    bad = invoke("-t", "pp8", "-o", "json", "--format", "csv")  # printed JSON, --format ignored
+    assert bad.exit_code == 2 and "leave one out" in bad.output

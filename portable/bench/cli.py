@@ -137,11 +137,14 @@ def _output(output: str | None, fmt: str | None) -> tuple[str, Path | None]:
     from portable.bench.sinks import FORMATS, format_for
     from portable.errors import PortableError
 
+    if fmt is not None and fmt not in FORMATS:
+        raise PortableError(f"unknown output format {fmt!r}; choose from {', '.join(FORMATS)}")
     if output is None:
-        if fmt is not None and fmt not in FORMATS:
-            raise PortableError(f"unknown output format {fmt!r}; choose from {', '.join(FORMATS)}")
         return fmt or "md", None
     if output in FORMATS:
+        if fmt is not None and fmt != output:
+            raise PortableError(f"-o {output} prints {output} on stdout and --format {fmt} names another format; "
+                                f"leave one out")
         return output, None
     return format_for(Path(output), fmt), Path(output)
 
