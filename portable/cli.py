@@ -281,7 +281,7 @@ def parity_matrix(
     precisions = split_list(precision or list(PRECISIONS), ALL_PRECISIONS, "precision")
     if cache and prompt:
         raise PortableError("give cache files (--cache) or prompts (--prompt), not both")
-    paths = [Path(c) for c in split_list(cache)] if cache else [DEFAULT_CACHE]
+    paths = [Path(c) for c in split_list(cache, what="cache")] if cache else [DEFAULT_CACHE]
     check_output("--json", json_path, *(("--cache", p) for p in paths))
     if plots:
         check_output("--out", out, what="plots", folder=True)

@@ -159,6 +159,8 @@ def split_list(values: list[str] | None, choices=None, what: str = "") -> list[s
     """Comma-separated and/or repeated option values (checked against `choices` when given), duplicates dropped,
     order kept."""
     items = [v.strip() for value in values or () for v in str(value).split(",") if v.strip()]
+    if values and not items:  # e.g. --backend ',': nothing to run, which is not what was asked for
+        raise PortableError(f"--{what}: no values given")
     if choices is not None:
         for item in items:
             check_choice(item, choices, what)

@@ -348,3 +348,8 @@ def test_reference_refuses_a_cache_from_other_weights_unless_forced(made, tiny_m
     assert "different model weights" in line and "--force" in line and not out.exists()
     result = invoke("reference", "--cache", cache, "--model", other, "-n", 2, "--out", out, "--force")
     assert result.exit_code == 0 and out.exists(), result.output
+
+
+@pytest.mark.parametrize("option", ["--backend", "--precision", "--cache"])
+def test_parity_lists_that_name_nothing_are_refused(option):
+    assert f"{option}: no values given" in one_line_error(invoke("parity", option, ",", "-n", 2))
