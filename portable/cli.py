@@ -15,8 +15,9 @@ import typer
 
 from portable.cli_options import (ArtifactDir, Attn, Backend, CachePath, Debug, Device, IgnoreEos, JsonOut,
                                   Kernels, MaxNew, Model, OrtProvider, Precision, Quiet, Rebuild, RepPenalty, Seed,
-                                  Stop, Temperature, TopK, TopP, artifact_times, check_choice, check_output, command,
-                                  device_for, ort_only, read_prompts, sampling, split_list, stop_strings)
+                                  Stop, Temperature, TopK, TopP, artifact_times, artifacts_for, check_choice,
+                                  check_output, command, device_for, ort_only, read_prompts, sampling, split_list,
+                                  stop_strings)
 from portable.config import ALL_PRECISIONS, ATTENTION, CACHE_STORAGE, DEFAULT_CACHE, KERNELS, PRECISIONS, RunConfig
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -54,6 +55,7 @@ def prefill(
     from portable.report import megabytes, write_json
 
     check_output("--json", json_path, ("--out", out))
+    artifacts_for(backend, rebuild, artifact_dir)
     config = RunConfig(model=model, prompts=read_prompts(prompt), batch=batch, cache_path=out, backend=backend,
                        precision=precision, device=device_for(backend, device), attn=check_choice(attn, ATTENTION, "attention"),
                        cache_storage=check_choice(cache_storage, CACHE_STORAGE, "cache storage"),
@@ -123,6 +125,7 @@ def decode(
         raise PortableError("--reference is the parity check's reference, and --no-parity turns the check off; leave "
                             "one of them out")
     check_output("--json", json_path, ("--cache", cache), ("--reference", reference))
+    artifacts_for(backend, rebuild, artifact_dir)
     config = RunConfig(
         model=model, cache_path=cache, backend=backend, precision=precision, device=device_for(backend, device),
         attn=check_choice(attn, ATTENTION, "attention"), kernels=check_choice(kernels, KERNELS, "kernels"),

@@ -87,6 +87,15 @@ def ort_only(backend: str, ort_provider: str | None) -> str | None:
     return ort_provider
 
 
+def artifacts_for(backend: str, rebuild: bool, artifact_dir: Path | None) -> None:
+    """--rebuild and --artifact-dir are about compiled artifacts, which the CPU backend has none of: refuse them there
+    rather than ignore them."""
+    if backend == "cpu" and (rebuild or artifact_dir is not None):
+        option = "--rebuild" if rebuild else "--artifact-dir"
+        raise PortableError(f"{option} applies to backends with compiled artifacts (cuda, rocm, onnxruntime), not "
+                            f"--backend cpu; leave it out")
+
+
 def device_for(backend: str, device: str | None) -> str | None:
     """--device names a device of the chosen backend; the CPU backend has only the host, so another is refused."""
     if device is not None and backend == "cpu" and device != "cpu":

@@ -353,3 +353,11 @@ def test_reference_refuses_a_cache_from_other_weights_unless_forced(made, tiny_m
 @pytest.mark.parametrize("option", ["--backend", "--precision", "--cache"])
 def test_parity_lists_that_name_nothing_are_refused(option):
     assert f"{option}: no values given" in one_line_error(invoke("parity", option, ",", "-n", 2))
+
+
+@pytest.mark.parametrize("option", [("--rebuild",), ("--artifact-dir", "art")])
+def test_artifact_options_on_the_cpu_backend_are_refused(made, tmp_path, option):
+    _, cache, _ = made  # the CPU backend keeps no compiled artifacts: they were ignored
+    assert "not --backend cpu" in one_line_error(invoke("decode", "--cache", cache, *option))
+    assert "not --backend cpu" in one_line_error(invoke("prefill", "--out", tmp_path / "c.st", *option))
+    assert not (tmp_path / "c.st").exists()
