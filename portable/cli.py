@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from portable.cli_options import (ArtifactDir, Attn, Backend, CachePath, Debug, Device, IgnoreEos, JsonOut,
+from portable.cli_options import (ArtifactDir, Attn, Backend, CachePath, Debug, Device, Force, IgnoreEos, JsonOut,
                                   Kernels, MaxNew, Model, OrtProvider, Precision, Quiet, Rebuild, RepPenalty, Seed,
                                   Stop, Temperature, TopK, TopP, artifact_times, artifacts_for, check_choice,
                                   check_output, command, device_for, ort_only, read_prompts, sampling, split_list,
@@ -98,8 +98,7 @@ def decode(
         "--parity/--no-parity", help="Compare with CPU FP32 decoding of the same cache file.")] = True,
     reference: Annotated[Optional[Path], typer.Option(
         "--reference", help="A reference file from `portable reference` instead of decoding on CPU here.")] = None,
-    force: Annotated[bool, typer.Option(
-        "--force", help="Decode a cache made with different weights or tokenizer than the loaded model.")] = False,
+    force: Force = False,
     compile: Annotated[bool, typer.Option(
         "--compile/--no-compile", help="GPU backends: capture the decode step as a graph.")] = True,
     sync_every: Annotated[int, typer.Option(
@@ -206,8 +205,7 @@ def reference(
     top_p: TopP = 1.0,
     repetition_penalty: RepPenalty = 1.0,
     seed: Seed = 0,
-    force: Annotated[bool, typer.Option(
-        "--force", help="Decode a cache made with different weights or tokenizer than the loaded model.")] = False,
+    force: Force = False,
     debug: Debug = False,
 ):
     """Decode a cache file once on CPU in FP32 and save the tokens and logits as a parity reference.
@@ -262,6 +260,7 @@ def parity_matrix(
         "parity-plots"),
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write the plots.")] = True,
     json_path: JsonOut = None,
+    force: Force = False,
     debug: Debug = False,
 ):
     """Check backends x precisions against CPU FP32 on cache files or prompts: one row and one plot per combination.
@@ -295,7 +294,7 @@ def parity_matrix(
                        kernels=check_choice(kernels, KERNELS, "kernels"), max_new_tokens=max_new_tokens,
                        stop=stop_strings(stop), ignore_eos=ignore_eos,
                        sampling=sampling(temperature, top_k, top_p, repetition_penalty, seed),
-                       device=device, ort_provider=ort_provider, artifact_dir=artifact_dir, quiet=True)
+                       device=device, ort_provider=ort_provider, artifact_dir=artifact_dir, force=force, quiet=True)
     prompts = read_prompts(prompt) if prompt else ()
     with matrix.prefilled(config, prompts) if prompts else nullcontext(matrix.cache_labels(paths)) as caches:
         report = matrix.run(config, names, precisions, caches, plot_dir=out if plots else None, debug=debug)

@@ -37,6 +37,8 @@ TopK = Annotated[int, typer.Option("--top-k", min=0, help="Keep the k most likel
 TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling (1 = off).")]
 RepPenalty = Annotated[float, typer.Option("--repetition-penalty", min=0.0, help="1 = off.")]
 Seed = Annotated[int, typer.Option("--seed", min=0, help="Seed of the host-side sampler.")]
+Force = Annotated[bool, typer.Option(
+    "--force", help="Use a cache made with different weights or tokenizer than the loaded model.")]
 IgnoreEos = Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at the end-of-sequence token.")]
 Kernels = Annotated[str, typer.Option("--kernels", help=f"GPU backends: {' or '.join(KERNELS)} fused kernels.")]
 OrtProvider = Annotated[Optional[str], typer.Option(

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from portable.cli import app
 from portable.config import DEFAULT_PROMPT
-from tests.conftest import run_cli
+from tests.conftest import read_json, run_cli
 
 runner = CliRunner()
 
@@ -348,6 +348,18 @@ def test_reference_refuses_a_cache_from_other_weights_unless_forced(made, tiny_m
     assert "different model weights" in line and "--force" in line and not out.exists()
     result = invoke("reference", "--cache", cache, "--model", other, "-n", 2, "--out", out, "--force")
     assert result.exit_code == 0 and out.exists(), result.output
+
+
+def test_parity_refuses_a_cache_from_other_weights_unless_forced(made, tiny_model, tmp_path):
+    _, cache, _ = made  # its error said "pass --force", which parity did not take
+    other = tiny_model("llama", seed=1)
+    line = one_line_error(invoke("parity", "--cache", cache, "--model", other, "-n", 2, "--no-plots"))
+    assert "different model weights" in line and "--force" in line
+    result = invoke("parity", "--cache", cache, "--model", other, "-n", 2, "--no-plots", "--force", "--json",
+                    tmp_path / "p.json")
+    assert result.exit_code == 0, result.output
+    rows = read_json(tmp_path / "p.json")["rows"]  # forced: the other model decodes as its own reference
+    assert {r["precision"]: r["verdict"] for r in rows}["fp32"] == "exact"
 
 
 @pytest.mark.parametrize("option", ["--backend", "--precision", "--cache"])
