@@ -20,6 +20,7 @@ from portable.bench.suites import CONFIGS, TIERS, suite
 from portable.cli import app
 from portable.errors import PortableError
 from portable.models import ModelSource
+from tests.conftest import run_cli
 
 cli = CliRunner()
 FAST = ("--threads", "1", "--warmup", "1")  # one thread: the 2-core test machine is shared
@@ -436,9 +437,10 @@ def test_kernels_need_a_gpu_or_the_interpreter_flag(tmp_path):
 
 
 def test_kernels_in_the_interpreter_write_tables_and_plots(tmp_path):
-    result = invoke("kernels", "--interpret", "-k", "rmsnorm,gemv,attention,attention_oproj", "--dtype", "fp32", "-o",
-                    tmp_path)
-    assert result.exit_code == 0, result.output
+    """In a fresh process without TRITON_INTERPRET, as a user runs it (also on a GPU machine)."""
+    result = run_cli("-m", "portable", "bench", "kernels", "--interpret", "-k",
+                     "rmsnorm,gemv,attention,attention_oproj", "--dtype", "fp32", "-o", str(tmp_path),
+                     unset=("TRITON_INTERPRET",))
     for name in ("rmsnorm", "gemv", "attention", "attention_oproj"):
         png = tmp_path / f"{name}-fp32.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -447,6 +449,7 @@ def test_kernels_in_the_interpreter_write_tables_and_plots(tmp_path):
     assert "speed-up" in result.stdout
 
 
+@pytest.mark.interpreter
 def test_the_attention_oproj_case_does_the_same_job_on_both_sides():
     """The micro-benchmark compares like with like: the fused kernels and the PyTorch reference leave the same
     residual (both start from the same caches, each adds W_o . attention once)."""

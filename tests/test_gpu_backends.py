@@ -21,6 +21,9 @@ from portable.pipeline import tokenize
 from tests.conftest import read_json, run_cli
 from tests.models import PROMPTS
 
+# the fast step's kernel choices on CPU tensors: the Triton kernels there need Triton's interpreter
+KERNELS_ON_CPU = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
+
 
 def simulate(monkeypatch, hip: str | None, cuda: str | None, gpus: int = 1):
     monkeypatch.setattr(torch.version, "hip", hip, raising=False)
@@ -81,7 +84,7 @@ def test_flash_attention_needs_its_package():
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "mistral", "gemma3"])
-@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("kernels", KERNELS_ON_CPU)
 def test_fast_decode_step_matches_hugging_face(tiny_model, name, kernels):
     """The fused decode step (no graphs: it runs on CPU too) against the HF reference, at batch 2 with left padding
     and prompts longer than the sliding window, and at batch 1 (the GEMV path)."""
@@ -101,7 +104,7 @@ def test_fast_decode_step_matches_hugging_face(tiny_model, name, kernels):
             token = a.argmax(-1)
 
 
-@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("kernels", KERNELS_ON_CPU)
 def test_greedy_steps_pick_on_the_device_as_the_host_loop(tiny_model, kernels):
     """`greedy_steps` (the pick inside the step, fed to the next) gives the tokens of decode_step + argmax, at batch 1
     (the GEMV path: argmax finished by the advance kernel) and batch 2, and refuses to run past the static cache."""
@@ -124,6 +127,7 @@ def test_greedy_steps_pick_on_the_device_as_the_host_loop(tiny_model, kernels):
             fast.greedy_steps(picked[:, -1], 2)
 
 
+@pytest.mark.interpreter
 def test_decode_loop_uses_greedy_steps_in_chunks(tiny_model, monkeypatch):
     """run_decode with a runner that has `greedy_steps`: the same tokens and finish reasons as the host loop (HF), in
     chunks of `sync_every` steps, with a sequence finishing at EOS inside a chunk."""
@@ -149,7 +153,7 @@ def test_decode_loop_uses_greedy_steps_in_chunks(tiny_model, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3"])
-@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("kernels", KERNELS_ON_CPU)
 def test_int8_fast_step_matches_the_dequantized_model(tiny_model, name, kernels, monkeypatch):
     """Weight-only int8: `quantize_linears_` leaves q * s in the model's weights (so HF prefill and the HF step use
     them), and the fast step streaming the int8 rows (batch 1, triton) or multiplying by the dequantized weights
@@ -232,6 +236,8 @@ def test_models_outside_the_family_keep_the_hugging_face_path(tiny_model):
 
 # ---- on a GPU ----
 
+GPU_BACKEND = "rocm" if torch.version.hip else "cuda"  # each refuses the other's build of PyTorch
+
 @pytest.fixture(scope="module")
 def cpu_cache(tmp_path_factory):
     """A cache file prefilled on the CPU (the headline use: CPU prefill, GPU decode)."""
@@ -242,7 +248,7 @@ def cpu_cache(tmp_path_factory):
 
 @pytest.mark.gpu
 def test_cuda_fp32_is_exact_with_cpu_fp32(cpu_cache, tmp_path):
-    run_cli("decode.py", "--cache", str(cpu_cache), "--backend", "cuda", "--precision", "fp32", "--json",
+    run_cli("decode.py", "--cache", str(cpu_cache), "--backend", GPU_BACKEND, "--precision", "fp32", "--json",
             str(tmp_path / "r.json"), "-q", "--artifact-dir", str(tmp_path / "art"))
     report = read_json(tmp_path / "r.json")
     assert report["parity"]["verdict"] == "exact", report["parity"]
@@ -253,7 +259,7 @@ def test_cuda_fp32_is_exact_with_cpu_fp32(cpu_cache, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_cuda_reduced_precision_verdicts(cpu_cache, tmp_path, precision):
-    run_cli("decode.py", "--cache", str(cpu_cache), "--backend", "cuda", "--precision", precision, "--json",
+    run_cli("decode.py", "--cache", str(cpu_cache), "--backend", GPU_BACKEND, "--precision", precision, "--json",
             str(tmp_path / "r.json"), "-q", "--artifact-dir", str(tmp_path / "art"))
     assert read_json(tmp_path / "r.json")["parity"]["verdict"] in ("exact", "within-precision")
 
@@ -261,7 +267,7 @@ def test_cuda_reduced_precision_verdicts(cpu_cache, tmp_path, precision):
 @pytest.mark.gpu
 def test_cuda_int8_weight_only_verdict(cpu_cache, tmp_path):
     """int8 weight rows on the GPU against CPU FP32: within the tolerance of the same int8 weights on CPU bf16."""
-    run_cli("decode.py", "--cache", str(cpu_cache), "--backend", "cuda", "--precision", "int8", "--json",
+    run_cli("decode.py", "--cache", str(cpu_cache), "--backend", GPU_BACKEND, "--precision", "int8", "--json",
             str(tmp_path / "r.json"), "-q", "--artifact-dir", str(tmp_path / "art"))
     report = read_json(tmp_path / "r.json")
     assert report["backend_details"]["weights"] == "int8" and report["backend_details"]["cuda_graph"]
@@ -271,8 +277,8 @@ def test_cuda_int8_weight_only_verdict(cpu_cache, tmp_path):
 
 @pytest.mark.gpu
 def test_cuda_artifact_is_saved_then_reused_in_a_fresh_process(cpu_cache, tmp_path):
-    args = ["decode.py", "--cache", str(cpu_cache), "--backend", "cuda", "--precision", "bf16", "-q", "--no-parity",
-            "--artifact-dir", str(tmp_path / "art")]
+    args = ["decode.py", "--cache", str(cpu_cache), "--backend", GPU_BACKEND, "--precision", "bf16", "-q",
+            "--no-parity", "--artifact-dir", str(tmp_path / "art")]
     run_cli(*args, "--json", str(tmp_path / "a.json"))
     run_cli(*args, "--json", str(tmp_path / "b.json"))
     first, second = read_json(tmp_path / "a.json")["timing"], read_json(tmp_path / "b.json")["timing"]
@@ -287,12 +293,12 @@ def test_cuda_artifact_is_saved_then_reused_in_a_fresh_process(cpu_cache, tmp_pa
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_cuda_graph_decode_matches_eager_fast_path(kernels):
     loaded = models.load(models.resolve("default"), "bf16", "cuda")
-    hf = HFRunner(loaded, "cuda", "bf16", torch.device("cuda"))
+    hf = HFRunner(loaded, GPU_BACKEND, "bf16", torch.device("cuda"))
     ids, mask = tokenize(hf.tokenizer, list(PROMPTS), 0)
     cache = hf.prefill(ids, mask).select([0])
     config = RunConfig(precision="bf16", kernels=kernels)
-    graphed = FastRunner(loaded, "cuda", config, torch.device("cuda"))
-    eager = FastRunner(loaded, "cuda", config, torch.device("cuda"), graphs=False, pdl=False)
+    graphed = FastRunner(loaded, GPU_BACKEND, config, torch.device("cuda"))
+    eager = FastRunner(loaded, GPU_BACKEND, config, torch.device("cuda"), graphs=False, pdl=False)
     graphed.start(cache, 8)
     eager.start(cache, 8)
     token = cache.next_token_logits.argmax(-1)
