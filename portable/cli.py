@@ -62,6 +62,8 @@ def prefill(
                        ort_provider=ort_only(backend, ort_provider), rebuild=rebuild, artifact_dir=artifact_dir,
                        quiet=quiet)
     report = pipeline.prefill(config)
+    for warning in report.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     c = report.cache
     typer.echo(f"Saved KV cache to {c['path']} ({report.batch} x {c['seq_len']} tokens, {c['layers']} layers "
                f"{'+'.join(c['kinds'])}, {c['dtype']}{', int8 storage' if c['storage'] == 'int8' else ''}, "

@@ -110,7 +110,10 @@ def prefill(config: RunConfig) -> PrefillReport:
         timing=Timing(prefill=metrics, model_load_s=runner.info.model_load_s, cache_save_s=saved["seconds"],
                       compile_s=runner.info.compile_s, save_s=runner.info.save_s, load_s=runner.info.load_s,
                       artifact_reused=runner.info.artifact_reused),
-        peak_memory_bytes=runner.peak_memory_bytes(), environment=environment())
+        peak_memory_bytes=runner.peak_memory_bytes(), environment=environment(),
+        warnings=[] if runner.tokenizer is not None else [
+            f"{source.display} has no tokenizer files: the prompt went in as byte values (ids 0-255), not as the "
+            f"model's tokens"])
 
 
 def _pad_id(runner) -> int:

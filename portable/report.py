@@ -39,6 +39,7 @@ class PrefillReport:
     timing: Timing
     peak_memory_bytes: int
     environment: dict
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass

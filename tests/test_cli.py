@@ -4,6 +4,7 @@ error (non-zero exit, no traceback unless --debug, nothing overwritten)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,19 @@ def test_prefill_prints_where_the_cache_went(made):
     _, cache, result = made
     assert f"Saved KV cache to {cache}" in result.stdout
     assert "TPS" in result.stdout and cache.exists()
+    assert "warning" not in result.stderr
+
+
+def test_prefill_warns_when_the_model_has_no_tokenizer(made, tmp_path):
+    folder, _, _ = made  # the prompt then goes in as byte values, which are not the model's tokens
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(folder / name, bare / name)
+    result = invoke("prefill", "--model", bare, "--out", tmp_path / "c.st", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert "warning: " in result.stderr and "no tokenizer files" in result.stderr
+    assert "byte values" in json.loads((tmp_path / "r.json").read_text())["warnings"][0]
 
 
 def test_decode_prints_verdict_metrics_and_writes_the_report(made, tmp_path):
