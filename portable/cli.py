@@ -8,6 +8,7 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -335,10 +336,28 @@ def cache_inspect(
 def main(argv: list[str] | None = None, prog_name: str = "portable", command: str | None = None) -> None:
     """The `portable` program; with `command`, that one command alone as its own program (`python prefill.py`, whose
     usage line then reads `prefill.py [OPTIONS]`)."""
-    if command is None:
-        app(args=argv, prog_name=prog_name)
-    else:
-        typer.main.get_command(app).commands[command].main(args=argv, prog_name=prog_name)
+    try:  # the click that typer runs on: its own copy since typer 0.2x, the click package before
+        from typer._click import exceptions as click_errors
+    except ImportError:
+        from click import exceptions as click_errors
+
+    program = typer.main.get_command(app)
+    if command is not None:
+        program = program.commands[command]
+    try:
+        code = program.main(args=argv, prog_name=prog_name, standalone_mode=False)
+    except click_errors.UsageError as e:  # an unknown option, a value out of range: one line, as other bad input
+        if type(e).__name__ != "NoArgsIsHelpError":  # (a bare group, whose help is already shown)
+            hint = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+            typer.echo(f"error: {e.format_message()}{hint}", err=True)
+        sys.exit(e.exit_code)
+    except click_errors.ClickException as e:
+        typer.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        typer.echo("error: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 from portable.bench.cli import bench_app  # noqa: E402  (registered last: the bench group lives in its own package)

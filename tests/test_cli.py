@@ -238,6 +238,22 @@ def test_entry_point_usage_names_the_script_alone(script):
     assert f"Usage: {script} [OPTIONS]" in out  # not "prefill.py prefill", which would fail if typed
 
 
+@pytest.mark.parametrize("args", [("decode.py", "-n", "0"), ("prefill.py", "--bogus"), ("decode.py", "--top-p", "2"),
+                                  ("-m", "portable", "nope"), ("-m", "portable", "cache", "inspect"),
+                                  ("-m", "portable", "bench", "--batch", "0")])
+def test_usage_errors_are_one_line_too(args):
+    """Values the option parser refuses (typer's boxed message before) read like every other bad input."""
+    proc = run_cli(*args, check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_a_bare_command_group_shows_its_help_once():
+    proc = run_cli("-m", "portable", "cache", check=False)
+    assert proc.returncode == 2 and proc.stdout.count("Usage: portable cache") == 1 and "inspect" in proc.stdout
+
+
 def test_options_that_do_not_fit_the_backend_are_refused(made, tmp_path):
     _, cache, _ = made
     assert "does not fit --backend cpu" in one_line_error(invoke("decode", "--cache", cache, "--device", "cuda:0"))
