@@ -71,7 +71,7 @@ class RunConfig:
     precision: str = "fp32"
     device: str | None = None  # e.g. "cuda:1"; None lets the backend choose
     attn: str = "sdpa"
-    kernels: str = "torch"
+    kernels: str = "triton"  # GPU backends: the fused Triton kernels (and stream GEMVs); "torch": PyTorch ops
     cache_storage: str = "native"  # "int8": keys/values stored as int8 with per-token scales
     max_new_tokens: int = 64
     stop: tuple[str, ...] = ()

@@ -155,7 +155,7 @@ class SweepSpec:
     backends: tuple[str, ...] = (_RUN.backend,)
     precisions: tuple[str, ...] = (_RUN.precision,)
     attns: tuple[str, ...] = (_RUN.attn,)
-    kernels: tuple[str, ...] = ("triton",)  # as `portable decode`: GPU backends use the fused Triton kernels
+    kernels: tuple[str, ...] = (_RUN.kernels,)
     batches: tuple[int, ...] = (1,)
     threads: tuple[int, ...] = ()  # CPU threads (torch.set_num_threads); empty: leave as it is
     sync_every: tuple[int, ...] = ()  # read tokens back every N decode steps; empty: plan.sync_every_for(backend)
