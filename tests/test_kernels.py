@@ -97,6 +97,33 @@ def test_rope_matches_transformers_llama():
     assert rel_err(ours_k, kh[0].transpose(0, 1)) < 1e-5
 
 
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("cur", [33, 20, 8])
+def test_rope_attention_with_several_blocks_per_chunk(window, cur):
+    """`blocks_per_chunk` (a tuning knob: each pass-1 program walks that many blocks of slots) changes the split of
+    the work, not the result: the new slot in the first block of a chunk (cur 8: 0-15 of 0-15), in a later one (20),
+    and past the first chunk (33)."""
+    b, hk, group, d, s = 2, 2, 2, 32, 40
+    hq = hk * group
+    qkv = rand(b, (hq + 2 * hk) * d, seed=50)
+    start = torch.tensor([0, 3], dtype=torch.int32, device=DEVICE)
+    pos = torch.tensor([cur, cur - 3], device=DEVICE)
+    slot = torch.tensor([cur], dtype=torch.int32, device=DEVICE)
+    old_k, old_v = rand(b, hk, s, d, seed=51), rand(b, hk, s, d, seed=52)
+    kc1, vc1, kc2, vc2 = old_k.clone(), old_v.clone(), old_k.clone(), old_v.clone()
+    attn = attention.RopeAttention(b, hq, hk, d, s, DEVICE, block_s=8, blocks_per_chunk=2)
+    assert attn.n_chunks == 3
+    for ws in (attn.m, attn.l, attn.acc):
+        ws.fill_(float("nan"))
+    attn.rope_attention(qkv, pos, inv_freq(d), 1.0, kc1, vc1, start, slot, d ** -0.5, window, None, None, 1e-6, 0.0)
+    out1 = attn.combine(torch.empty(b, hq, d, device=DEVICE))
+    q = torch.empty(b, hq, d, device=DEVICE)
+    rope.qkv_rope_cache_torch_(qkv, pos, inv_freq(d), 1.0, q, kc2, vc2, slot, None, None, 1e-6, 0.0)
+    out2 = attention.decode_attention_torch(q, kc2, vc2, start, slot, d ** -0.5, window)
+    assert rel_err(out1, out2) < 1e-5
+    assert rel_err(kc1, kc2) < 1e-5 and torch.equal(vc1, vc2)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window", [0, 5])
 @pytest.mark.parametrize("group,qk_norm,d", [(1, False, 32), (4, True, 32), (2, False, 64)])
