@@ -119,8 +119,8 @@ def decode(
     comparison are excluded.
     """
     from portable import pipeline
-    from portable.report import megabytes, write_json
     from portable.errors import PortableError
+    from portable.report import megabytes, write_json
     from portable.streaming import TextStreamer
 
     if reference is not None and not parity:
