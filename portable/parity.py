@@ -5,10 +5,12 @@ comparisons:
 
 1. Free running: the candidate's own tokens against the reference's; the first divergent step per sequence.
 2. Teacher forced: the candidate is fed the reference's tokens and its next-token distributions are compared at
-   every step: agreement of the picked token, KL(reference || candidate), max |delta logit|, and at every
-   disagreement the reference's *decision margin* (greedy: top-1 minus top-2 logit; sampled: how far the seeded
-   draw lay from the nearest edge of the reference token's slice of the id-ordered CDF, in probability: see
-   `portable.sampling`).
+   every step: agreement of the picked token, KL(reference || candidate), max |delta logit|, and the reference's
+   *decision margin* (greedy: top-1 minus top-2 logit; sampled: how far the seeded draw lay from the nearest edge
+   of the reference token's slice of the id-ordered CDF, in probability: see `portable.sampling`). At a
+   disagreement the margin is taken against the candidate's token (greedy: the reference's top-1 logit minus its
+   logit for that token; sampled: how far the draw lay from that token's slice), so a near-tie between the
+   reference's top two does not excuse a pick the reference was sure against.
 3. The verdict:
    - `exact`: the free-running tokens are identical.
    - fp32 candidates must be exact: anything else is `diverged`.
@@ -184,18 +186,28 @@ def free_running(reference: Reference, candidate: DecodeResult) -> tuple[list[in
 
 
 def _decision_margins(logits: torch.Tensor, tokens: list[int], history: list[int], sampler: Sampler,
-                      draws: list[float] | None) -> list[float]:
-    """The reference's decision margin at each step (see module docstring)."""
+                      draws: list[float] | None, picks: list[int]) -> list[float]:
+    """The reference's decision margin at each step (see module docstring): where the candidate `picks` another
+    token, the margin between the reference's token and that one, not the nearest flip."""
     margins = []
     seen = list(history)
     for j, tok in enumerate(tokens):
         processed = sampler.process(logits[j:j + 1], [seen])[0]
+        other = picks[j]
         if draws is None:
-            top2 = torch.topk(processed, 2).values
-            margins.append(float(top2[0] - top2[1]))
+            if other == tok:
+                top2 = torch.topk(processed, 2).values
+                margins.append(float(top2[0] - top2[1]))
+            else:
+                margins.append(float(processed[tok] - processed[other]))
         else:
-            lo, hi = Sampler.bounds(*sampler.distribution(processed[None])[0], tok)
-            margins.append(max(0.0, min(draws[j] - lo, hi - draws[j])))
+            ids_probs = sampler.distribution(processed[None])[0]
+            lo, hi = Sampler.bounds(*ids_probs, tok)
+            if other == tok:
+                margins.append(max(0.0, min(draws[j] - lo, hi - draws[j])))
+            else:  # how far the draw lay from the candidate token's slice (after the reference's, or before it)
+                lo_o, hi_o = Sampler.bounds(*ids_probs, other)
+                margins.append(max(0.0, lo_o - draws[j] if other > tok else draws[j] - hi_o))
         seen.append(tok)
     return margins
 
@@ -256,7 +268,8 @@ def compare(reference: Reference, candidate: DecodeResult, teacher: DecodeResult
         kls.extend(kl.tolist())
         max_diff = max(max_diff, float((ref_l - cand_l).abs().max()) if n else 0.0)
         margins = _decision_margins(reference.logits[b, :n], tokens, histories[b], sampler,
-                                    None if draws_all is None else [d[b] for d in draws_all[:n]])
+                                    None if draws_all is None else [d[b] for d in draws_all[:n]],
+                                    teacher.picks[b][:n])
         result.per_step.append({"kl": [round(v, 6) for v in kl.tolist()], "margin": [round(m, 6) for m in margins]})
         for j in range(n):
             total += 1

@@ -343,6 +343,63 @@ def test_a_sequence_that_diverges_without_a_teacher_forced_mismatch_is_diverged(
     assert p.verdict == "diverged" and "sequence 1 differs free-running from step 1" in p.reason, p.line()
 
 
+def hand_made(tokens, logits, sampling=SamplingConfig()):
+    """A reference from hand-made tokens and logits (unit tests of the verdict)."""
+    from portable import parity
+
+    return parity.Reference(tokens=tokens, finish_reasons=["length"] * len(tokens), logits=logits,
+                            sampling=sampling.__dict__, max_new_tokens=max(len(t) for t in tokens),
+                            cache_checksum=None, model_fingerprint=None, stopping={"stop": [], "ignore_eos": False})
+
+
+def compare_by_hand(reference, candidate_tokens, picks, teacher_logits, calibration, precision="bf16"):
+    """The verdict for free-running `candidate_tokens` and teacher-forced `picks`/`teacher_logits`, with the
+    pristine model's `calibration` logits."""
+    from portable import parity
+    from portable.generation import DecodeResult
+
+    batch = len(reference.tokens)
+    candidate = DecodeResult(tokens=candidate_tokens, finish_reasons=["length"] * batch)
+    teacher = DecodeResult(tokens=reference.tokens, finish_reasons=["length"] * batch, logits=teacher_logits,
+                           picks=picks)
+    return parity.compare(reference, candidate, teacher, precision, [[0]] * batch, calibrate=lambda: calibration)
+
+
+def test_a_pick_the_reference_was_sure_against_is_diverged_though_its_top_two_are_near_tied():
+    """Greedy: the reference's top two tie within the tolerance, but the candidate picks a third token 15 logits
+    below: the margin is against the candidate's token, not between the reference's top two."""
+    logits = torch.zeros(1, 2, 8)
+    logits[0, 0, 1], logits[0, 0, 2], logits[0, 0, 3] = 10.0, 9.99, -5.0
+    logits[0, 1, 4] = 5.0
+    calibration = logits.clone()
+    calibration[0, 0, 2] = 10.0  # the pristine model's error on the top-two gap: 0.01
+    teacher = logits.clone()
+    teacher[0, 0, 3] = 11.0
+    p = compare_by_hand(hand_made([[1, 4]], logits), [[3, 4]], [[3, 4]], teacher, calibration)
+    assert p.verdict == "diverged" and "reference was confident" in p.reason, p.line()
+    assert p.mismatches[0].reference_margin == 15.0 and p.per_step[0]["margin"] == [15.0, 5.0]
+    near = teacher.clone()
+    near[0, 0, 3], near[0, 0, 2] = -5.0, 10.01  # a flip to the second token stays within precision
+    p = compare_by_hand(hand_made([[1, 4]], logits), [[2, 4]], [[2, 4]], near, calibration)
+    assert p.verdict == "within-precision" and p.mismatches[0].reference_margin == pytest.approx(0.01), p.line()
+
+
+def test_a_sampled_pick_far_from_the_draw_is_diverged_though_the_draw_lay_near_an_edge():
+    """Sampled: the seeded draw (0.637 for seed 0) lies 0.002 above the lower edge of the reference token's slice
+    [0.635, 0.9), but the candidate picks token 3, whose slice [0.95, 1) is 0.31 away: confident."""
+    sampling = SamplingConfig(temperature=1.0, seed=0)
+    logits = torch.tensor([0.635, 0.265, 0.05, 0.05]).log().view(1, 1, 4)
+    calibration = logits.clone()
+    calibration[0, 0, 0] += 0.01  # the pristine model moves the slice's edges by ~0.002
+    teacher = logits.clone()
+    teacher[0, 0, 3] += 3.0
+    p = compare_by_hand(hand_made([[1]], logits, sampling), [[3]], [[3]], teacher, calibration)
+    assert p.verdict == "diverged" and "reference was confident" in p.reason, p.line()
+    assert p.mismatches[0].reference_margin == pytest.approx(0.95 - 0.637, abs=1e-3)
+    p = compare_by_hand(hand_made([[1]], logits, sampling), [[0]], [[0]], teacher, calibration)
+    assert p.verdict == "within-precision" and p.mismatches[0].reference_margin < 0.002, p.line()
+
+
 def test_a_reference_file_must_match_the_run_stop_conditions_and_model(caches, tmp_path):
     from portable.parity import Reference
 
