@@ -400,6 +400,19 @@ def test_a_sampled_pick_far_from_the_draw_is_diverged_though_the_draw_lay_near_a
     assert p.verdict == "within-precision" and p.mismatches[0].reference_margin < 0.002, p.line()
 
 
+def test_a_margin_is_compared_with_the_tolerance_before_it_is_rounded_for_the_report():
+    """A margin of 4e-7 against a tolerance of 3e-7 is confident, although the report rounds it to 0."""
+    logits = torch.zeros(1, 1, 8)
+    logits[0, 0, 1] = 4e-7
+    calibration = logits.clone()
+    calibration[0, 0, 1] = 3e-7  # one step, error 1e-7 on the top-two gap: tolerance 3e-7
+    teacher = logits.clone()
+    teacher[0, 0, 2] = 1e-3
+    p = compare_by_hand(hand_made([[1]], logits), [[2]], [[2]], teacher, calibration, precision="fp16")
+    assert p.tolerance == pytest.approx(3e-7) and p.mismatches[0].reference_margin == 0.0
+    assert p.verdict == "diverged" and "reference was confident" in p.reason, p.line()
+
+
 def test_a_reference_file_must_match_the_run_stop_conditions_and_model(caches, tmp_path):
     from portable.parity import Reference
 
