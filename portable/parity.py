@@ -12,7 +12,9 @@ comparisons:
    logit for that token; sampled: how far the draw lay from that token's slice), so a near-tie between the
    reference's top two does not excuse a pick the reference was sure against.
 3. The verdict:
-   - `exact`: the free-running tokens are identical.
+   - `exact`: the free-running tokens are identical, and teacher forcing (on those same tokens) disagrees only at
+     margins below the tolerance tau; a disagreement where the reference was confident is `diverged`, the runs
+     inconsistent.
    - fp32 candidates must be exact: anything else is `diverged`.
    - `diverged` when a sequence's free-running tokens differ from step f on but teacher forcing shows no
      disagreement in that sequence at or before f: up to f the candidate saw the same tokens in both runs, so its
@@ -294,12 +296,7 @@ def compare(reference: Reference, candidate: DecodeResult, teacher: DecodeResult
     if result.first_divergence is None and not result.mismatches:
         result.verdict, result.reason = "exact", "token-exact"
         return result
-    if result.first_divergence is None:
-        # Free-running tokens agree although some teacher-forced pick does not: still exact output, but say so.
-        result.verdict = "exact"
-        result.reason = f"token-exact; {len(result.mismatches)} teacher-forced near-ties flipped without effect"
-        return result
-    if precision == "fp32" and storage == "native":
+    if result.first_divergence is not None and precision == "fp32" and storage == "native":
         result.verdict = "diverged"
         result.reason = "fp32 must be token-exact with CPU FP32"
         return result
@@ -319,16 +316,27 @@ def compare(reference: Reference, candidate: DecodeResult, teacher: DecodeResult
                              f"decision-margin error of the pristine model on CPU over {len(errors)} steps")
     largest = max(at)
     worst = result.mismatches[at.index(largest)]
-    if largest < tau:
+    confident = sum(m >= tau for m in at)
+    where = f"margin {largest:.4g} >= tolerance {tau:.4g} at step {worst.step} of sequence {worst.sequence}"
+    if result.first_divergence is None:
+        # Free-running tokens agree although some teacher-forced pick (on the same tokens) does not: exact output
+        # when the flips are near-ties, else the candidate is inconsistent.
+        if largest < tau:
+            result.verdict = "exact"
+            result.reason = (f"token-exact; {len(result.mismatches)} teacher-forced near-ties (margins < tolerance "
+                             f"{tau:.4g}) flipped without effect")
+        else:
+            result.verdict = "diverged"
+            result.reason = (f"the free-running tokens agree, but teacher forcing on them shows {confident} "
+                             f"mismatch(es) where the reference was confident: {where}; the candidate is "
+                             f"inconsistent (nondeterminism?)")
+    elif largest < tau:
         result.verdict = "within-precision"
         result.reason = (f"all {len(result.mismatches)} teacher-forced mismatches sit at reference margins < "
                          f"tolerance {tau:.4g} (largest {largest:.4g})")
     else:
-        confident = sum(m >= tau for m in at)
         result.verdict = "diverged"
-        result.reason = (f"{confident} mismatch(es) where the reference was confident: margin "
-                         f"{largest:.4g} >= tolerance {tau:.4g} at step {worst.step} of sequence "
-                         f"{worst.sequence}; likely a bug")
+        result.reason = f"{confident} mismatch(es) where the reference was confident: {where}; likely a bug"
     return result
 
 

@@ -47,7 +47,7 @@ class Row:
     kl_mean: float | None = col("KL mean", ".3g")
     kl_max: float | None = col("KL max", ".3g")
     max_abs_logit_diff: float | None = col("max Δlogit", ".3g")  # teacher forced, max |Δ| over steps and vocab
-    tolerance: float | None = col("tolerance", ".3g")  # computed only when free-running tokens differ
+    tolerance: float | None = col("tolerance", ".3g")  # computed only when some token differs
     reason: str = col("why", default="")  # why not exact, or why it could not run
     plot: str | None = col()
     parity: dict | None = col()  # the full verdict: mismatches, per-step KL and margins

@@ -413,6 +413,24 @@ def test_a_margin_is_compared_with_the_tolerance_before_it_is_rounded_for_the_re
     assert p.verdict == "diverged" and "reference was confident" in p.reason, p.line()
 
 
+def test_identical_free_running_tokens_with_a_confident_teacher_forced_mismatch_are_not_exact():
+    """Free running gives the reference's tokens, but teacher forced on those same tokens the candidate picks one
+    10 logits below the reference's: not a near-tie flipped without effect but an inconsistent candidate."""
+    logits = torch.zeros(1, 2, 8)
+    logits[0, 0, 1], logits[0, 1, 4] = 10.0, 5.0
+    calibration = logits.clone()
+    calibration[0, 0, 2] = 0.01
+    teacher = logits.clone()
+    teacher[0, 0, 6] = 20.0
+    p = compare_by_hand(hand_made([[1, 4]], logits), [[1, 4]], [[6, 4]], teacher, calibration)
+    assert p.verdict == "diverged" and "inconsistent" in p.reason and p.first_divergence is None, p.line()
+    teacher = logits.clone()
+    teacher[0, 0, 2] = 10.001  # a near-tie flip, below the tolerance (0.03): exact output
+    logits[0, 0, 2] = 9.999
+    p = compare_by_hand(hand_made([[1, 4]], logits), [[1, 4]], [[2, 4]], teacher, calibration)
+    assert p.verdict == "exact" and "near-ties" in p.reason and p.tolerance > 0.002, p.line()
+
+
 def test_a_reference_file_must_match_the_run_stop_conditions_and_model(caches, tmp_path):
     from portable.parity import Reference
 
