@@ -19,7 +19,8 @@ comparisons:
    - `diverged` when a sequence's free-running tokens differ from step f on but teacher forcing shows no
      disagreement in that sequence at or before f: up to f the candidate saw the same tokens in both runs, so its
      pick at f must differ there too (same logits, same draw); if it does not, the runs are inconsistent
-     (nondeterminism, or other settings).
+     (nondeterminism, or other settings). So is a sequence that stops at another step than the reference's with the
+     same tokens up to there: stopping depends on the tokens only, so no flip explains it.
    - `within-precision`: every teacher-forced disagreement sits at a reference margin below the tolerance tau.
    - `diverged`: some disagreement sits where the reference was confident (margin >= tau): likely a bug.
 
@@ -299,6 +300,15 @@ def compare(reference: Reference, candidate: DecodeResult, teacher: DecodeResult
     if result.first_divergence is not None and precision == "fp32" and storage == "native":
         result.verdict = "diverged"
         result.reason = "fp32 must be token-exact with CPU FP32"
+        return result
+    stopped = [(b, f) for b, f in enumerate(firsts)
+               if f is not None and f == min(len(reference.tokens[b]), len(candidate.tokens[b]))]
+    if stopped:  # one run's tokens are the start of the other's: it stopped on the same tokens, which no flip explains
+        b, f = stopped[0]
+        result.verdict = "diverged"
+        result.reason = (f"sequence {b} stops after {len(candidate.tokens[b])} tokens free-running, the reference "
+                         f"after {len(reference.tokens[b])}, with the same first {f}: the candidate's stop conditions "
+                         f"differ (EOS ids, stop strings)")
         return result
     unexplained = [(b, f) for b, f in enumerate(firsts) if f is not None
                    and not any(m.sequence == b and m.step <= f for m in result.mismatches)]

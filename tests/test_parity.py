@@ -431,6 +431,22 @@ def test_identical_free_running_tokens_with_a_confident_teacher_forced_mismatch_
     assert p.verdict == "exact" and "near-ties" in p.reason and p.tolerance > 0.002, p.line()
 
 
+@pytest.mark.parametrize("candidate_tokens", [[[1]], [[1, 2, 3, 5]]], ids=["stops-earlier", "stops-later"])
+def test_a_sequence_that_stops_at_another_step_on_the_same_tokens_is_diverged(candidate_tokens):
+    """Free running stops after other tokens than the reference although they agree up to there: no teacher-forced
+    near-tie flip explains that (stopping depends on the tokens only), even one at the step where they part."""
+    logits = torch.zeros(1, 3, 8)
+    logits[0, 0, 1], logits[0, 1, 2], logits[0, 1, 7], logits[0, 2, 3] = 5.0, 5.0, 4.99, 5.0
+    calibration = logits.clone()
+    calibration[0, 1, 7] = 5.0
+    teacher = logits.clone()
+    teacher[0, 1, 7] = 5.01  # a near-tie flip at step 1 (within the tolerance) ...
+    p = compare_by_hand(hand_made([[1, 2, 3]], logits), candidate_tokens, [[1, 7, 3]], teacher, calibration)
+    assert p.verdict == "diverged" and "stop conditions differ" in p.reason, p.line()
+    p = compare_by_hand(hand_made([[1, 2, 3]], logits), [[1, 7, 4]], [[1, 7, 3]], teacher, calibration)
+    assert p.verdict == "within-precision", p.line()  # ... explains a free-running token that differs there
+
+
 def test_a_reference_file_must_match_the_run_stop_conditions_and_model(caches, tmp_path):
     from portable.parity import Reference
 
