@@ -260,7 +260,7 @@ def compare(reference: Reference, candidate: DecodeResult, teacher: DecodeResult
     assert teacher.logits is not None and teacher.picks is not None
     draws_all = _replay_draws(sampler, reference)
 
-    agree, total, kls, max_diff = 0, 0, [], 0.0
+    agree, total, kls, diffs = 0, 0, [], [0.0]
     at = []  # the unrounded margin of each mismatch: the verdict compares these with tau
     for b, tokens in enumerate(reference.tokens):
         n = len(tokens)
@@ -268,9 +268,11 @@ def compare(reference: Reference, candidate: DecodeResult, teacher: DecodeResult
         cand_l = teacher.logits[b, :n].double()
         logp_r = torch.log_softmax(ref_l, -1)
         logp_c = torch.log_softmax(cand_l, -1)
-        kl = (logp_r.exp() * (logp_r - logp_c)).sum(-1).clamp_min(0)
+        p_r = logp_r.exp()  # 0 log 0 = 0: a token the reference rules out (-inf) adds nothing, whatever the candidate
+        kl = torch.where(p_r > 0, p_r * (logp_r - logp_c), 0.0).sum(-1).clamp_min(0)
         kls.extend(kl.tolist())
-        max_diff = max(max_diff, float((ref_l - cand_l).abs().max()) if n else 0.0)
+        # equal logits (-inf on both sides too) differ by 0; a NaN stays NaN (torch's max keeps it, Python's drops it)
+        diffs.extend(torch.where(ref_l == cand_l, 0.0, (ref_l - cand_l).abs()).amax(-1).tolist())
         margins = _decision_margins(reference.logits[b, :n], tokens, histories[b], sampler,
                                     None if draws_all is None else [d[b] for d in draws_all[:n]],
                                     teacher.picks[b][:n])
@@ -292,7 +294,7 @@ def compare(reference: Reference, candidate: DecodeResult, teacher: DecodeResult
     result.kl_mean = float(kl_t.mean())
     result.kl_p95 = float(torch.quantile(kl_t, 0.95))
     result.kl_max = float(kl_t.max())
-    result.max_abs_logit_diff = max_diff
+    result.max_abs_logit_diff = float(torch.tensor(diffs, dtype=torch.float64).max())
 
     if result.first_divergence is None and not result.mismatches:
         result.verdict, result.reason = "exact", "token-exact"

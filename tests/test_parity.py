@@ -10,6 +10,7 @@ turns an impossible combination into a row with the reason, and fails in one lin
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -445,6 +446,22 @@ def test_a_sequence_that_stops_at_another_step_on_the_same_tokens_is_diverged(ca
     assert p.verdict == "diverged" and "stop conditions differ" in p.reason, p.line()
     p = compare_by_hand(hand_made([[1, 2, 3]], logits), [[1, 7, 4]], [[1, 7, 3]], teacher, calibration)
     assert p.verdict == "within-precision", p.line()  # ... explains a free-running token that differs there
+
+
+def test_kl_and_logit_difference_with_non_finite_logits():
+    """A token both sides rule out (-inf, as a masked padded vocabulary) adds nothing to the KL and |delta logit|
+    (it made both NaN, and the NaN dropped sequence 0's difference of 4); a NaN in the candidate's logits shows."""
+    logits = torch.zeros(2, 2, 8)
+    logits[:, :, 1], logits[:, :, 7] = 5.0, float("-inf")
+    teacher = logits.clone()
+    teacher[0, 0, 3] = 4.0
+    p = compare_by_hand(hand_made([[1, 1], [1, 1]], logits), [[1, 1], [1, 1]], [[1, 1], [1, 1]], teacher, logits)
+    assert p.verdict == "exact" and p.max_abs_logit_diff == 4.0, p.line()
+    assert 0 < p.kl_max < 1 and p.per_step[1]["kl"] == [0.0, 0.0]
+    teacher = logits.clone()
+    teacher[1, 1, :7] = float("nan")
+    p = compare_by_hand(hand_made([[1, 1], [1, 1]], logits), [[1, 1], [1, 1]], [[1, 1], [1, 1]], teacher, logits)
+    assert math.isnan(p.max_abs_logit_diff) and math.isnan(p.kl_max)
 
 
 def test_a_reference_file_must_match_the_run_stop_conditions_and_model(caches, tmp_path):
