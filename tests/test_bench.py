@@ -119,7 +119,7 @@ def test_cost_model_reads_weights_and_the_growing_kv_cache():
     state = RecurrentLayer(conv_state=torch.zeros(2, 4, 2), recurrent_state=torch.zeros(2, 4, 2))  # 128 B
     cost = roofline.CostModel.of(1000, _cache([full, window, state]))
     per = 2 * 2 * 8 * 4
-    assert cost.kv_bytes(10) == per * 10 + per * 3 + 128
+    assert cost.kv_bytes(10) == per * 10 + per * 2 + 128  # a sliding layer keeps window - 1 positions
     # two steps after 4 positions see contexts 5 and 6 (the window caps at 3)
     assert cost.read_bytes(4, 2) == 2 * 1000 + per * (5 + 6) + per * 3 * 2 + 2 * 128
     assert roofline.CostModel.of(None, _cache([full])).read_bytes(4, 2) is None
@@ -253,6 +253,15 @@ def test_tg_samples_are_the_decode_steps_and_pp_has_no_steps(done_when_json):
         assert r["step_p50_ms"] <= r["step_p95_ms"] and r["bps"] > 0 and r["sps"] == pytest.approx(batch * r["bps"])
         assert r["gbps"] > 0 and r["read_per_step_mb"] > r["weights_mb"] > 0
     assert tg4["kv_cache_mb"] == pytest.approx(4 * tg1["kv_cache_mb"])
+
+
+def test_kv_cache_size_is_that_of_the_final_length():
+    """pgP,G ends with P + G - 1 cached positions (the last token is never fed), tgN with 1 + N, ppN with N: three
+    tests ending at 16 positions report one size, the size of the cache the runner actually holds."""
+    result = invoke("-t", "pg8,9,tg15,pp16", "-r", "1", "-o", "json", *FAST)
+    assert result.exit_code == 0, result.output
+    sizes = {r["test"]: r["kv_cache_mb"] for r in json.loads(result.stdout)}
+    assert sizes["pg8,9"] == pytest.approx(sizes["pp16"]) and sizes["tg15"] == pytest.approx(sizes["pp16"])
 
 
 def test_the_harness_passes_sync_every_to_the_decode_loop(monkeypatch):

@@ -47,6 +47,7 @@ def weight_bytes(model) -> int | None:
 class CostModel:
     weights: int | None
     attention: list[tuple[float, int]] = field(default_factory=list)  # per layer: (bytes per position, window or 0)
+    # a sliding layer attends to `window` positions (the new one included) but keeps only `window - 1` between steps
     states: int = 0  # recurrent layers: state bytes read per step
 
     @classmethod
@@ -63,8 +64,8 @@ class CostModel:
         return cls(weights, attention, states)
 
     def kv_bytes(self, positions: int) -> float:
-        """The cache's size after `positions` positions."""
-        return self.states + sum(per * (min(positions, w) if w else positions) for per, w in self.attention)
+        """The cache's size after `positions` positions (a sliding layer keeps the last `window - 1`)."""
+        return self.states + sum(per * (min(positions, w - 1) if w else positions) for per, w in self.attention)
 
     def read_bytes(self, start: int, steps: int) -> float | None:
         """Bytes read by `steps` decode steps starting after `start` cached positions (step i sees start + i + 1)."""

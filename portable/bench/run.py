@@ -192,7 +192,7 @@ def summarize(result: Result, reps: list[Rep], test: TestSpec, batch: int, cost,
     if loads:
         result.depth_cache_load_s = statistics.median(loads)
     if cost is not None:
-        result.kv_cache_mb = cost.kv_bytes(test.start_tokens + test.n_gen if test.kind != "pp" else test.n_prompt) / 1e6
+        result.kv_cache_mb = cost.kv_bytes(test.final_positions) / 1e6
         if cost.weights is not None:
             result.weights_mb = cost.weights / 1e6
         read = cost.read_bytes(test.start_tokens, test.decode_steps)

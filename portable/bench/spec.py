@@ -56,6 +56,12 @@ class TestSpec:
         """Decode forwards per sequence: tgN runs N; pgP,G runs G - 1 (the prefill's logits give the first token)."""
         return {"pp": 0, "tg": self.n_gen, "pg": max(self.n_gen - 1, 0)}[self.kind]
 
+    @property
+    def final_positions(self) -> int:
+        """Positions per sequence in the cache when the test ends: pp the prompt; tg the start cache + N steps; pg the
+        prompt + G - 1 steps (the last generated token is picked, never fed)."""
+        return self.start_tokens + self.decode_steps if self.kind != "pp" else self.n_prompt
+
     def counted_tokens(self, batch: int) -> int:
         """Tokens the test's throughput counts per repetition (llama-bench: pg counts prompt and generated)."""
         return batch * {"pp": self.n_prompt, "tg": self.n_gen, "pg": self.n_prompt + self.n_gen}[self.kind]
