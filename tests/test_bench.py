@@ -171,6 +171,30 @@ def test_result_statistics_keep_every_sample():
     assert r.tps_mean == pytest.approx((80 + 40 + 20) / 3)
 
 
+def test_per_repetition_figures_agree_with_the_median_for_an_even_count():
+    """With two repetitions (1 s and 2 s for 4 steps) the median time is 1.5 s: BPS, decode t/s, E2E t/s and GB/s
+    must come from it, as median t/s does, not from the faster repetition."""
+    tg = parse_tests("tg4")[0]
+    reps = [run.Rep(sample_s=t, step_s=[t / 4] * 4, step_tokens=[1] * 4, generated=4) for t in (2.0, 1.0)]
+    cost = roofline.CostModel(weights=100, attention=[(10.0, 0)])
+    r = Result(test="tg4")
+    run.summarize(r, reps, tg, 1, cost, 1.0)
+    assert r.tps_median == pytest.approx(4 / 1.5)
+    assert r.bps == pytest.approx(4 / 1.5) and r.decode_tps == pytest.approx(4 / 1.5)
+    assert r.gbps == pytest.approx(cost.read_bytes(1, 4) / 1.5 / 1e9)
+    pg = parse_tests("pg4,5")[0]
+    reps = [run.Rep(sample_s=t, prefill_s=t / 2, step_s=[t / 8] * 4, step_tokens=[1] * 4, generated=5)
+            for t in (2.0, 1.0)]
+    r = Result(test="pg4,5")
+    run.summarize(r, reps, pg, 1, None, None)
+    assert r.e2e_tps == pytest.approx(5 / 1.5) and r.decode_tps == pytest.approx(4 / 0.75)
+    assert r.ttft_ms == pytest.approx(750.0)
+    pp = parse_tests("pp8")[0]
+    r = Result(test="pp8")
+    run.summarize(r, [run.Rep(sample_s=t, prefill_s=t) for t in (2.0, 1.0)], pp, 1, None, None)
+    assert r.bps == pytest.approx(1 / 1.5) and r.tps_median == pytest.approx(8 / 1.5)
+
+
 def test_sinks_take_their_columns_from_the_result_dataclass():
     rows = [Result(test="pp8", batch=b, model="m", tps_mean=10.0 * b, tps_stdev=1.0, environment={"commit": "abc"})
             for b in (1, 2)]
