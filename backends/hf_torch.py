@@ -98,6 +98,10 @@ class HFRunner:
     def reset_peak_memory(self) -> None:
         if self._device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self._device)
+        else:
+            from portable.environment import reset_peak_rss
+
+            reset_peak_rss()
 
     def peak_memory_bytes(self) -> int:
         if self._device.type == "cuda":

@@ -450,7 +450,9 @@ class OrtRunner:
         pass  # session runs return when their outputs are complete
 
     def reset_peak_memory(self) -> None:
-        pass
+        from portable.environment import reset_peak_rss
+
+        reset_peak_rss()  # the host's peak RSS (a GPU provider's device memory is not seen)
 
     def peak_memory_bytes(self) -> int:
         from portable.environment import peak_rss_bytes

@@ -48,10 +48,39 @@ def _version(package: str) -> str | None:
         return None
 
 
+CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
+    """Peak resident set size of this process since the last `reset_peak_rss` (Linux), else since it started
+    (Linux reports ru_maxrss in KiB; it follows the reset too)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def reset_peak_rss() -> bool:
+    """Start the peak RSS afresh from the current RSS (Linux >= 4.0: writing 5 to /proc/self/clear_refs resets the
+    process's high-water mark); False where that is not possible, and the peak stays the process's whole life's.
+    Memory freed earlier but still held by the C allocator is given back first (glibc's malloc_trim), so that it does
+    not count in the next peak."""
+    trim = _malloc_trim() if sys.platform.startswith("linux") else None
+    if trim is not None:
+        trim(0)
+    try:
+        CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def environment() -> dict:

@@ -5,6 +5,7 @@ caches, traces, suites); then `bench kernels` through Triton's interpreter."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -286,6 +287,17 @@ def test_kv_cache_size_is_that_of_the_final_length():
     assert result.exit_code == 0, result.output
     sizes = {r["test"]: r["kv_cache_mb"] for r in json.loads(result.stdout)}
     assert sizes["pg8,9"] == pytest.approx(sizes["pp16"]) and sizes["tg15"] == pytest.approx(sizes["pp16"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only: resetting the peak RSS")
+def test_a_cpu_points_peak_memory_is_its_own_not_an_earlier_points():
+    """The CPU peak (RSS) is reset after each point's warm-up: a tg2 at batch 1 after a pp256 at batch 32 reports
+    about what the pp256 at batch 1 did, not the batch-32 prefill's peak."""
+    result = invoke("-t", "pp256,tg2", "--batch", "1,32", "-r", "1", "-o", "json", *FAST)
+    assert result.exit_code == 0, result.output
+    peak = {(r["test"], r["batch"]): r["peak_memory_mb"] for r in json.loads(result.stdout)}
+    assert peak["pp256", 32] > peak["pp256", 1] + 100
+    assert peak["tg2", 1] < peak["pp256", 32] - 100
 
 
 def test_the_harness_passes_sync_every_to_the_decode_loop(monkeypatch):

@@ -58,7 +58,7 @@ class Result:
     step_p95_ms: float | None = col("P95 ms")
     step_ms: list[list[float]] | None = col()  # every decode step of every repetition
     kv_cache_mb: float | None = col("KV MB", digits=1)  # the KV cache at the final length
-    peak_memory_mb: float | None = col("peak MB", digits=0)  # GPU: peak allocated; CPU: the process's peak RSS
+    peak_memory_mb: float | None = col("peak MB", digits=0)  # after the warm-up; GPU: peak allocated; CPU: peak RSS
     # --- bandwidth: bytes read per decode step (weights + KV) against the device's measured copy bandwidth
     weights_mb: float | None = col()
     read_per_step_mb: float | None = col()

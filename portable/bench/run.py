@@ -12,7 +12,8 @@ For each point: `warmup` untimed repetitions, then `repetitions` timed ones, eac
 
 Not timed: building prompt ids, loading the model, graph capture and kernel compilation (the warm-up pays them),
 reloading a depth cache, host bookkeeping between decode chunks. EOS is ignored so every repetition has its full
-length. Peak memory is reset after the warm-up; on CPU it is the process's peak RSS (which cannot be reset).
+length. Peak memory is reset after the warm-up; on CPU it is the process's peak RSS from then on (Linux; elsewhere
+the peak of the whole process, which cannot be reset).
 
 A point that runs out of memory (GPU or CPU) becomes a row with status "oom"; larger batches of the same test are
 then "skipped" (they would run out too) and the sweep goes on. A user error (e.g. a backend not available here)
