@@ -138,6 +138,18 @@ def test_weight_bytes_count_tied_embeddings_once(tiny_model):
     assert roofline.weight_bytes(model) == expected
 
 
+def test_weight_bytes_leave_out_a_learned_position_table(tiny_model):
+    """GPTBigCode's position table (wpe) is an embedding: a step reads one row of it, as of the untied input
+    embedding, so neither counts; the tied token embedding (the head) counts once."""
+    from portable import models
+
+    model = models.load(models.resolve(str(tiny_model("gpt_bigcode")))).model
+    wte, wpe = model.transformer.wte.weight, model.transformer.wpe.weight
+    assert model.get_output_embeddings().weight.data_ptr() == wte.data_ptr()
+    unique = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    assert roofline.weight_bytes(model) == sum(unique.values()) - wpe.numel() * wpe.element_size()
+
+
 def test_peak_bandwidth_is_remembered_per_device(cache_dir):
     assert roofline.remembered_peak("cpu:X") is None
     roofline.remember_peak("cpu:X", 12.5, "test")

@@ -4,9 +4,9 @@ Cost model of one decode step (batch-1 decoding is bound by memory bandwidth, so
 
     read(step) = weights + sum over attention layers of  bytes_per_token x min(context, window)  + recurrent states
 
-`weights` are the model's unique parameter bytes (tied embeddings count once; an untied input embedding is left out,
-since a step reads only a row of it); the KV part grows with the context, which is why tg128@d4096 reads more than
-tg128. Achieved GB/s = bytes read by the timed steps / their time. The device's peak is measured once by a copy
+`weights` are the model's unique parameter bytes (tied embeddings count once; an untied input embedding and a
+learned position table are left out, since a step reads only a row of each); the KV part grows with the context,
+which is why tg128@d4096 reads more than tg128. Achieved GB/s = bytes read by the timed steps / their time. The device's peak is measured once by a copy
 benchmark (`portable bench --measure-peak`, device.copy_bandwidth) and remembered per device in a small JSON file
 under the user cache folder ($PORTABLE_CACHE_DIR, else $XDG_CACHE_HOME/portable, else ~/.cache/portable).
 """
@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from caches import PromptCache, RecurrentLayer, SlidingWindowLayer
 from caches.fileformat import create_temp
@@ -36,10 +37,14 @@ def weight_bytes(model) -> int | None:
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
-    embed_in = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    # An embedding table is looked up (a row per sequence), not read: every one but the output head's weight is left
+    # out (the untied input embedding, a learned position table such as GPTBigCode's wpe).
     embed_out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if embed_in is not None and (embed_out is None or embed_out.weight.data_ptr() != embed_in.weight.data_ptr()):
-        total -= embed_in.weight.numel() * embed_in.weight.element_size()
+    head = embed_out.weight.data_ptr() if embed_out is not None else None
+    for ptr, weight in {m.weight.data_ptr(): m.weight for m in model.modules()
+                        if isinstance(m, torch.nn.Embedding)}.items():
+        if ptr != head and ptr in seen:
+            total -= weight.numel() * weight.element_size()
     return total
 
 
