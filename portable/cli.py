@@ -50,7 +50,8 @@ def prefill(
 ):
     """Run the prompt through the model once and save its KV cache to a file.
 
-    Timed region: the forward pass over the padded batch (tokenization and saving excluded).
+    Timed region: the forward pass over the padded batch, after one untimed warm-up pass (tokenization and saving
+    excluded).
     """
     from portable import pipeline
     from portable.report import megabytes, write_json

@@ -71,3 +71,53 @@ def test_a_tokenizer_fingerprint_mismatch_is_refused_unless_forced(tmp_path, oth
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
         line for line in proc.stderr.splitlines() if "different tokenizer" in line]
+
+
+class _ColdFirstCall:
+    """A runner whose first prefill and first decode step pay a one-time cost (lazy initialisation, allocator growth,
+    kernel loading: what a first call pays on every backend)."""
+
+    COST_S = 0.5
+
+    def __init__(self, runner):
+        self._runner = runner
+        self._cold = {"prefill", "decode_step"}
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+    def _first(self, what):
+        if what in self._cold:
+            self._cold.discard(what)
+            import time
+
+            time.sleep(self.COST_S)
+
+    def prefill(self, ids, mask):
+        self._first("prefill")
+        return self._runner.prefill(ids, mask)
+
+    def decode_step(self, tokens):
+        self._first("decode_step")
+        return self._runner.decode_step(tokens)
+
+
+@pytest.fixture
+def cold_first_calls(monkeypatch):
+    """Every runner the pipeline loads pays a one-time cost on its first prefill and its first decode step."""
+    real = backends.require
+
+    class Backend:
+        def __init__(self, backend):
+            self._backend = backend
+
+        def load(self, config, source):
+            return _ColdFirstCall(self._backend.load(config, source))
+
+    monkeypatch.setattr(pipeline.backends, "require", lambda *a, **k: Backend(real(*a, **k)))
+
+
+def test_a_first_call_cost_stays_out_of_the_prefill_timing(tmp_path, cold_first_calls):
+    """`portable prefill` times a warm forward on every backend (the CPU included), as bench does."""
+    config = RunConfig(prompts=PROMPTS[:1], cache_path=tmp_path / "c.safetensors")
+    assert pipeline.prefill(config).timing.prefill.time_per_batch_s < _ColdFirstCall.COST_S
