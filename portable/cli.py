@@ -116,8 +116,8 @@ def decode(
 ):
     """Load a cache file, decode token by token on a backend, print the parity verdict and the metrics.
 
-    Timed region: each decode step (forward + token choice); tokenization, text streaming and the parity
-    comparison are excluded.
+    Timed region: each decode step (forward + token choice), after one untimed warm-up step; tokenization, text
+    streaming and the parity comparison are excluded.
     """
     from portable import pipeline
     from portable.errors import PortableError

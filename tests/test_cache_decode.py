@@ -121,3 +121,13 @@ def test_a_first_call_cost_stays_out_of_the_prefill_timing(tmp_path, cold_first_
     """`portable prefill` times a warm forward on every backend (the CPU included), as bench does."""
     config = RunConfig(prompts=PROMPTS[:1], cache_path=tmp_path / "c.safetensors")
     assert pipeline.prefill(config).timing.prefill.time_per_batch_s < _ColdFirstCall.COST_S
+
+
+def test_a_first_call_cost_stays_out_of_the_decode_timing(tmp_path, cold_first_calls):
+    """`portable decode` times warm steps: one untimed step first, and the timed run still starts from the cache."""
+    config = RunConfig(prompts=PROMPTS[:1], cache_path=tmp_path / "c.safetensors", max_new_tokens=8,
+                       ignore_eos=True, parity=False)
+    pipeline.prefill(config)
+    report = pipeline.decode(config)
+    assert report.new_tokens == [8] and report.timing.decode.calls == 7
+    assert report.timing.decode.time_per_batch_s * 7 < _ColdFirstCall.COST_S
