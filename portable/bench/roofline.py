@@ -6,9 +6,10 @@ Cost model of one decode step (batch-1 decoding is bound by memory bandwidth, so
 
 `weights` are the model's unique parameter bytes (tied embeddings count once; an untied input embedding and a
 learned position table are left out, since a step reads only a row of each); the KV part grows with the context,
-which is why tg128@d4096 reads more than tg128. Achieved GB/s = bytes read by the timed steps / their time. The device's peak is measured once by a copy
-benchmark (`portable bench --measure-peak`, device.copy_bandwidth) and remembered per device in a small JSON file
-under the user cache folder ($PORTABLE_CACHE_DIR, else $XDG_CACHE_HOME/portable, else ~/.cache/portable).
+which is why tg128@d4096 reads more than tg128. Achieved GB/s = bytes read by the timed steps / their time. The
+device's peak is measured once by a copy benchmark (`portable bench --measure-peak`, device.copy_bandwidth) and
+remembered per device in a small JSON file under the user cache folder ($PORTABLE_CACHE_DIR, else
+$XDG_CACHE_HOME/portable, else ~/.cache/portable).
 """
 
 from __future__ import annotations
