@@ -221,8 +221,12 @@ def _check_entries(path: Path, header: dict, payload_size: int) -> None:
             continue
         try:
             dtype = CODE_DTYPES[entry["dtype"]]
-            shape = [int(s) for s in entry["shape"]]
-            start, end = (int(o) for o in entry["data_offsets"])
+            shape, offsets = list(entry["shape"]), list(entry["data_offsets"])
+            # JSON integers only: read() uses them as they are ("29", 29.5 or true would pass int() here and then
+            # crash a slice or a reshape; Infinity would overflow it)
+            if not all(type(n) is int for n in shape + offsets):
+                raise TypeError("shape and data_offsets must be integers")
+            start, end = offsets
         except (KeyError, TypeError, ValueError) as e:
             raise CacheFileError(f"{path} has a corrupt header entry for tensor {name!r}: {entry!r}") from e
         numel = 1

@@ -395,3 +395,15 @@ def test_fuzz_a_real_cache_file(prefilled, tmp_path, storage):
         assert_same(original, loaded)
         outcomes["ok"] += 1
     assert outcomes["error"] >= 490, outcomes
+
+
+# ---- header fields that parse as numbers only after a cast ----
+
+@pytest.mark.parametrize("field, value", [("shape", ["2", 5]), ("shape", [2.0, 5.5]), ("shape", [True, 5]),
+                                          ("shape", [float("inf"), 5]), ("data_offsets", ["0", 80])])
+def test_header_sizes_must_be_json_integers(real, field, value):
+    def edit(header):
+        header["input_ids"][field] = value
+    edit_header(real, edit)
+    with pytest.raises(CacheFileError, match="corrupt header entry for tensor 'input_ids'"):
+        load_cache(real)
