@@ -166,8 +166,10 @@ def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
                 _write_all(f, memoryview(raw))
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(e, OSError):  # a full disk, a file size limit, a vanished folder: one line, not a crash
+                raise CacheFileError(f"cannot write {path}: {e.strerror or e}") from e
             raise
     return 8 + len(raw) + offset
 

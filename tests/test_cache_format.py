@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import struct
@@ -281,9 +282,9 @@ def test_failed_write_leaves_the_old_file_untouched(good, monkeypatch):
     before = good.read_bytes()
 
     def explode(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(store.fileformat.os, "fsync", explode)
-    with pytest.raises(OSError):
+    with pytest.raises(CacheFileError, match=f"cannot write {good}: No space left on device$"):  # one line, no crash
         save_cache(make_cache(seq=5, window=3), good)
     assert good.read_bytes() == before
     assert [p.name for p in good.parent.iterdir()] == [good.name]  # no temporary file left behind
