@@ -90,10 +90,10 @@ class SlidingWindowLayer(AttentionLayer):
 
     @classmethod
     def from_file(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "SlidingWindowLayer":
-        try:
-            return cls(**tensors, window=int(meta["window"]), cumulative_length=int(meta["cumulative_length"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise CacheFileError(f"sliding-window layer metadata is incomplete: {meta}") from e
+        window, length = meta.get("window"), meta.get("cumulative_length")
+        if type(window) is not int or type(length) is not int:  # not int(): 8.5 would pass as 8, Infinity overflow it
+            raise CacheFileError(f"sliding-window layer metadata is incomplete: {meta}")
+        return cls(**tensors, window=window, cumulative_length=length)
 
     def expected_seq(self, seen_tokens: int) -> int:
         return min(seen_tokens, self.window - 1)

@@ -162,6 +162,8 @@ def _parse_meta(path: Path, raw: dict, strict: bool = True) -> dict:
     if missing and strict:
         raise CacheFileError(f"{path} lacks the checksum {', '.join(map(str, missing))} its metadata lists: the header "
                              f"was damaged or rewritten by another tool")
+    if strict and not isinstance(meta.get("model"), dict):  # decode reads meta["model"]["source"] before the load
+        raise CacheFileError(f"{path} has incomplete cache metadata (model is {meta.get('model')!r}, not an object)")
     return meta
 
 
@@ -235,6 +237,13 @@ def load_cache(path: Path, dtype: torch.dtype | None = None, device: str | torch
         raise CacheFileError(f"{path} has incomplete cache metadata (missing {e})") from e
     if storage not in STORAGE.values():
         raise CacheFileError(f"{path} uses unknown storage {storage!r}")
+    if batch < 1:
+        raise CacheFileError(f"{path} holds no sequences (batch {batch})")
+    pad_token_id = meta.get("pad_token_id", 0)
+    if type(pad_token_id) is not int or pad_token_id < 0:
+        raise CacheFileError(f"{path}: the metadata's pad_token_id {pad_token_id!r} is not a token id")
+    if not isinstance(meta.get("prefill", {}), dict):
+        raise CacheFileError(f"{path} has corrupt cache metadata (prefill is {meta['prefill']!r}, not an object)")
     if padding_side not in ("left", "right"):
         raise CacheFileError(f"{path}: unknown padding side {padding_side!r}")
     stored = meta.get("dtype", "float32")
@@ -288,7 +297,7 @@ def load_cache(path: Path, dtype: torch.dtype | None = None, device: str | torch
 
     cache = PromptCache(input_ids=input_ids.to(torch.int64), attention_mask=mask.to(torch.int64),
                         next_token_logits=logits.to(torch.float32), layers=layers, model=model,
-                        pad_token_id=int(meta.get("pad_token_id", 0)), prefill=meta.get("prefill", {}),
+                        pad_token_id=pad_token_id, prefill=meta.get("prefill", {}),
                         padding_side=padding_side)
     if padding_side == "right":
         cache = right_to_left_padding(cache, path)

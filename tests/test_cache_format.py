@@ -328,3 +328,29 @@ def test_read_metadata_does_not_need_the_payload(good):
     meta = read_metadata(good)
     assert meta["batch"] == 2 and meta["seq_len"] == 12
     assert set(meta["_tensors"]) >= {"input_ids", "layers.0.keys"}
+
+
+def test_a_cache_of_no_sequences_is_refused(tmp_path):
+    path = tmp_path / "empty.safetensors"
+    save_cache(make_cache().select([]), path)
+    with pytest.raises(CacheFileError, match="holds no sequences"):
+        load_cache(path)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("pad_token_id", "abc", "pad_token_id"), ("pad_token_id", None, "pad_token_id"), ("pad_token_id", -5, "pad_token_id"),
+    ("prefill", "x", "prefill"), ("model", "x", "model")])
+def test_metadata_fields_of_the_wrong_type_are_refused(good, key, value, message):
+    rewrite(good, meta_change=lambda meta: meta.update({key: value}))
+    with pytest.raises(CacheFileError, match=message):
+        read_metadata(good)
+        load_cache(good)
+
+
+@pytest.mark.parametrize("window", [float("inf"), 8.5, "8"])
+def test_a_sliding_window_must_be_an_integer(good, window):
+    def change(meta):
+        meta["layers"][1]["window"] = window
+    rewrite(good, meta_change=change)
+    with pytest.raises(CacheFileError, match="sliding-window layer metadata"):
+        load_cache(good)
