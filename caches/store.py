@@ -264,6 +264,9 @@ def load_cache(path: Path, dtype: torch.dtype | None = None, device: str | torch
     real_ids = input_ids[mask.bool()]
     if real_ids.numel() and (real_ids.min() < 0 or real_ids.max() >= logits.shape[1]):
         raise CacheFileError(f"{path}: input_ids hold token ids outside the vocabulary of {logits.shape[1]} tokens")
+    if pad_token_id >= logits.shape[1]:  # fed to the model for padding and finished sequences
+        raise CacheFileError(f"{path}: the metadata's pad_token_id {pad_token_id} is outside the vocabulary of "
+                             f"{logits.shape[1]} tokens")
 
     layers = []
     for i, lm in enumerate(layer_meta):
