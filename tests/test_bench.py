@@ -506,6 +506,15 @@ def test_kernels_in_the_interpreter_write_tables_and_plots(tmp_path):
     assert "speed-up" in result.stdout
 
 
+def test_kernels_help_lists_every_kernel():
+    """`bench kernels --help` names every kernel that `-k` accepts (docs/benchmarks.md lists them too)."""
+    from portable.bench import kernels as bench_kernels
+
+    result = cli.invoke(app, ["bench", "kernels", "--help"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0
+    listed = result.output.split("Kernels to time (default all):")[1].split(".")[0]
+    assert [name.strip() for name in listed.split(",")] == list(bench_kernels.KERNELS)
+
 @pytest.mark.interpreter
 def test_the_attention_oproj_case_does_the_same_job_on_both_sides():
     """The micro-benchmark compares like with like: the fused kernels and the PyTorch reference leave the same

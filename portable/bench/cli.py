@@ -183,7 +183,7 @@ def _run(spec, peers, quiet: bool, debug: bool):
 @command
 def kernels_cmd(
     names: Annotated[ListOpt, typer.Option("--kernel", "-k", help=(
-        "Kernels to time (default all): rmsnorm, add_rmsnorm, gated, rope_qk, gemv, attention."))] = None,
+        "Kernels to time (default all): rmsnorm, add_rmsnorm, gated, rope_qk, gemv, attention, attention_oproj."))] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16.")] = "bf16",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNG plots and CSV tables.")] = Path(
         "bench-kernels"),
