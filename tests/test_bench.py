@@ -520,6 +520,7 @@ def test_the_attention_oproj_case_does_the_same_job_on_both_sides():
     """The micro-benchmark compares like with like: the fused kernels and the PyTorch reference leave the same
     residual (both start from the same caches, each adds W_o . attention once)."""
     from backends import kernels as k
+    from backends.kernels import activation, attention, gemv, norms, rope  # noqa: F401  (as _kernel_modules does)
     from portable.bench import kernels as bench_kernels
 
     fns, nbytes = bench_kernels._case_attention_oproj(k, bench_kernels.TINY, 16, torch.float32, torch.device("cpu"))
