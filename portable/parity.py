@@ -328,27 +328,18 @@ def compare(reference: Reference, candidate: DecodeResult, teacher: DecodeResult
                              f"decision-margin error of the pristine model on CPU over {len(errors)} steps")
     largest = max(at)
     worst = result.mismatches[at.index(largest)]
-    confident = sum(m >= tau for m in at)
-    where = f"margin {largest:.4g} >= tolerance {tau:.4g} at step {worst.step} of sequence {worst.sequence}"
-    if result.first_divergence is None:
-        # Free-running tokens agree although some teacher-forced pick (on the same tokens) does not: exact output
-        # when the flips are near-ties, else the candidate is inconsistent.
-        if largest < tau:
-            result.verdict = "exact"
-            result.reason = (f"token-exact; {len(result.mismatches)} teacher-forced near-ties (margins < tolerance "
-                             f"{tau:.4g}) flipped without effect")
-        else:
-            result.verdict = "diverged"
-            result.reason = (f"the free-running tokens agree, but teacher forcing on them shows {confident} "
-                             f"mismatch(es) where the reference was confident: {where}; the candidate is "
-                             f"inconsistent (nondeterminism?)")
-    elif largest < tau:
-        result.verdict = "within-precision"
-        result.reason = (f"all {len(result.mismatches)} teacher-forced mismatches sit at reference margins < "
+    n, agree = len(result.mismatches), result.first_divergence is None
+    if largest < tau:  # every flip a near-tie: the output is exact, or within the precision's reach
+        result.verdict = "exact" if agree else "within-precision"
+        result.reason = (f"token-exact; {n} teacher-forced near-ties (margins < tolerance {tau:.4g}) flipped without "
+                         f"effect" if agree else f"all {n} teacher-forced mismatches sit at reference margins < "
                          f"tolerance {tau:.4g} (largest {largest:.4g})")
-    else:
+    else:  # with the free-running tokens the same, a confident flip on those same tokens is an inconsistent run
         result.verdict = "diverged"
-        result.reason = f"{confident} mismatch(es) where the reference was confident: {where}; likely a bug"
+        result.reason = (f"{sum(m >= tau for m in at)} mismatch(es) where the reference was confident: margin "
+                         f"{largest:.4g} >= tolerance {tau:.4g} at step {worst.step} of sequence {worst.sequence}; "
+                         + ("the free-running tokens agree, so the candidate is inconsistent (nondeterminism?)"
+                            if agree else "likely a bug"))
     return result
 
 
