@@ -31,6 +31,13 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture
+def bench_cache_dir(tmp_path, monkeypatch):
+    """Peak bandwidths remembered in the test's own folder, never in the user's (the bench tests use it)."""
+    monkeypatch.setenv("PORTABLE_CACHE_DIR", str(tmp_path / "user-cache"))
+    return tmp_path / "user-cache"
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model(name, seed=0) -> folder of a tiny model of that architecture (built once per session)."""

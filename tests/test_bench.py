@@ -1,6 +1,6 @@
-"""`portable bench`: sweep parsing, run plans, the cost model, the sinks (pure units); then the harness on the embedded
-model on CPU with tiny settings (timed regions, samples and environment in every record, OOM rows, peers, depth
-caches, traces, suites); then `bench kernels` through Triton's interpreter."""
+"""`portable bench`: the harness on the embedded model on CPU with tiny settings (timed regions, samples and
+environment in every record, OOM rows, peers, depth caches, traces, suites, output files). The pure units are in
+test_bench_units.py, `bench kernels` in test_bench_kernels.py."""
 
 from __future__ import annotations
 
@@ -11,245 +11,19 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from caches import AttentionLayer, PromptCache, RecurrentLayer, SlidingWindowLayer
 from portable.bench import device as dev
-from portable.bench import roofline, run, sinks
-from portable.bench.plan import plan
-from portable.bench.result import Result
-from portable.bench.spec import SweepSpec, parse_ints, parse_names, parse_tests
-from portable.bench.suites import CONFIGS, TIERS, suite
+from portable.bench import roofline, run
 from portable.cli import app
-from portable.errors import PortableError
-from portable.models import ModelSource
-from tests.conftest import run_cli
 
 cli = CliRunner()
 FAST = ("--threads", "1", "--warmup", "1")  # one thread: the 2-core test machine is shared
+
+pytestmark = pytest.mark.usefixtures("bench_cache_dir")  # peak bandwidths remembered per test, never the user's
 
 
 def invoke(*args):
     return cli.invoke(app, ["bench", *map(str, args)])
 
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    """Each test remembers peak bandwidths in its own folder, never in the user's."""
-    monkeypatch.setenv("PORTABLE_CACHE_DIR", str(tmp_path / "user-cache"))
-    return tmp_path / "user-cache"
-
-
-# ---- sweep spec -------------------------------------------------------------------------------------------------
-
-def test_int_lists_and_ranges():
-    assert parse_ints("1,8,64", "batch") == (1, 8, 64)
-    assert parse_ints("1-4096*2", "batch") == tuple(2 ** i for i in range(13))
-    assert parse_ints("128-512+128", "batch") == (128, 256, 384, 512)
-    assert parse_ints(["1-3", "8", "2"], "batch") == (1, 2, 3, 8)  # repeated options, duplicates dropped
-
-
-@pytest.mark.parametrize("bad", ["0", "4-1", "1-8*1", "x", "1-", ""])
-def test_bad_int_lists_are_one_line_errors(bad):
-    with pytest.raises(PortableError):
-        parse_ints(bad, "batch")
-
-
-def test_tests_by_their_llama_bench_names():
-    tests = parse_tests("pp512,tg128,pg512,128,tg128@d4096")
-    assert [t.name for t in tests] == ["pp512", "tg128", "pg512,128", "tg128@d4096"]
-    pp, tg, pg, deep = tests
-    assert (pp.kind, pp.n_prompt, pp.counted_tokens(4)) == ("pp", 512, 2048)
-    assert (tg.start_tokens, tg.decode_steps, tg.counted_tokens(2)) == (1, 128, 256)
-    assert (pg.n_prompt, pg.n_gen, pg.decode_steps, pg.counted_tokens(1)) == (512, 128, 127, 640)
-    assert (deep.depth, deep.start_tokens) == (4096, 4096)
-
-
-@pytest.mark.parametrize("bad", ["pp", "tg0", "pg512", "pp64,128", "pp64@d8", "xx12"])
-def test_bad_tests_are_refused(bad):
-    with pytest.raises(PortableError):
-        parse_tests(bad)
-
-
-def test_names_are_checked_against_their_choices():
-    assert parse_names(["fp16,bf16", "fp16"], "precision", ("fp16", "bf16")) == ("fp16", "bf16")
-    with pytest.raises(PortableError, match="unknown precision 'fp8'"):
-        parse_names("fp8", "precision", ("fp16", "bf16"))
-
-
-def test_suites_hold_seed_003s_configurations():
-    assert [(t.config, t.n_prompt, t.n_gen) for t in suite("quick")] == [("short", 64, 64), ("medium", 256, 256)]
-    assert len(suite("full")) == 7 and set(TIERS["standard"]) < set(TIERS["full"])
-    assert CONFIGS["full-pipe"].sampling.repetition_penalty == 1.1 and not CONFIGS["sampled"].sampling.greedy
-    with pytest.raises(PortableError):
-        suite("huge")
-    assert [t.config for t in suite("medium,sampled")] == ["medium", "sampled"]
-    with pytest.raises(PortableError, match="configurations"):
-        suite("medium,huge")
-
-
-def test_plan_loads_each_model_configuration_once_and_sorts_batches():
-    spec = SweepSpec(models=("a", "b"), precisions=("fp16", "bf16"), batches=(64, 1, 8),
-                     tests=parse_tests("tg8,pp8"))
-    groups = plan(spec)
-    keys = [key for key, _ in groups]
-    assert len(keys) == len(set(keys)) == 4
-    assert [(k.model, k.precision) for k in keys] == [("a", "fp16"), ("a", "bf16"), ("b", "fp16"), ("b", "bf16")]
-    points = groups[0][1]
-    assert [(p.test.name, p.batch) for p in points] == [("tg8", 1), ("tg8", 8), ("tg8", 64), ("pp8", 1),
-                                                          ("pp8", 8), ("pp8", 64)]
-
-
-def test_decode_read_back_defaults_to_16_steps_on_gpus_and_every_step_elsewhere():
-    spec = SweepSpec(backends=("cpu", "cuda", "rocm"), tests=parse_tests("tg8"))
-    assert {key.backend: [p.sync_every for p in points] for key, points in plan(spec)} == {
-        "cpu": [1], "cuda": [16], "rocm": [16]}
-    assert [p.sync_every for _, points in plan(spec.replace(sync_every=(4, 8))) for p in points] == [4, 8] * 3
-
-
-# ---- cost model, results, sinks -----------------------------------------------------------------------------------
-
-def _cache(layers):
-    ids = torch.ones(2, 4, dtype=torch.long)
-    return PromptCache(input_ids=ids, attention_mask=ids, next_token_logits=torch.zeros(2, 8), layers=layers,
-                       model={})
-
-
-def test_cost_model_reads_weights_and_the_growing_kv_cache():
-    full = AttentionLayer(keys=torch.zeros(2, 1, 4, 8), values=torch.zeros(2, 1, 4, 8))  # 2*2*8*4 B per position
-    window = SlidingWindowLayer(keys=torch.zeros(2, 1, 3, 8), values=torch.zeros(2, 1, 3, 8), window=3,
-                                cumulative_length=4)
-    state = RecurrentLayer(conv_state=torch.zeros(2, 4, 2), recurrent_state=torch.zeros(2, 4, 2))  # 128 B
-    cost = roofline.CostModel.of(1000, _cache([full, window, state]))
-    per = 2 * 2 * 8 * 4
-    assert cost.kv_bytes(10) == per * 10 + per * 2 + 128  # a sliding layer keeps window - 1 positions
-    # two steps after 4 positions see contexts 5 and 6 (the window caps at 3)
-    assert cost.read_bytes(4, 2) == 2 * 1000 + per * (5 + 6) + per * 3 * 2 + 2 * 128
-    assert roofline.CostModel.of(None, _cache([full])).read_bytes(4, 2) is None
-
-
-def test_weight_bytes_count_tied_embeddings_once(tiny_model):
-    from portable import models
-
-    loaded = models.load(models.resolve(str(tiny_model("llama"))))
-    model = loaded.model
-    unique = {p.data_ptr(): p.numel() * 4 for p in model.parameters()}
-    embed = model.get_input_embeddings().weight
-    tied = model.get_output_embeddings().weight.data_ptr() == embed.data_ptr()
-    expected = sum(unique.values()) - (0 if tied else embed.numel() * 4)
-    assert roofline.weight_bytes(model) == expected
-
-
-def test_weight_bytes_leave_out_a_learned_position_table(tiny_model):
-    """GPTBigCode's position table (wpe) is an embedding: a step reads one row of it, as of the untied input
-    embedding, so neither counts; the tied token embedding (the head) counts once."""
-    from portable import models
-
-    model = models.load(models.resolve(str(tiny_model("gpt_bigcode")))).model
-    wte, wpe = model.transformer.wte.weight, model.transformer.wpe.weight
-    assert model.get_output_embeddings().weight.data_ptr() == wte.data_ptr()
-    unique = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
-    assert roofline.weight_bytes(model) == sum(unique.values()) - wpe.numel() * wpe.element_size()
-
-
-def test_peak_bandwidth_is_remembered_per_device(cache_dir):
-    assert roofline.remembered_peak("cpu:X") is None
-    roofline.remember_peak("cpu:X", 12.5, "test")
-    roofline.remember_peak("cuda:Y", 3000.0, "test")
-    assert roofline.remembered_peak("cpu:X") == 12.5 and roofline.remembered_peak("cuda:Y") == 3000.0
-    assert (cache_dir / roofline.PEAK_FILE).exists()
-
-
-def test_copy_bandwidth_is_a_positive_rate():
-    assert dev.copy_bandwidth(torch.device("cpu"), nbytes=1 << 20, copies=2, rounds=2) > 0
-
-
-@pytest.mark.parametrize("error, oom", [
-    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
-    (MemoryError(), True),
-    (RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory"), True),
-    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
-                  "tried to allocate 70368744177664 bytes. Error code 12 (Cannot allocate memory)"), True),
-    (RuntimeError("shape mismatch"), False),
-    (ValueError("out of memory"), False),
-])
-def test_out_of_memory_is_recognised(error, oom):
-    assert dev.is_out_of_memory(error) is oom
-
-
-def test_result_statistics_keep_every_sample():
-    r = Result(test="tg4", tokens=8)
-    r.set_samples([0.1, 0.2, 0.4])
-    assert r.samples_s == [0.1, 0.2, 0.4] and r.reps == 3
-    assert r.median_s == 0.2 and r.tps_median == pytest.approx(40.0)
-    assert r.mean_s == pytest.approx(0.7 / 3) and r.stdev_s > 0
-    assert r.tps_mean == pytest.approx((80 + 40 + 20) / 3)
-
-
-def test_per_repetition_figures_agree_with_the_median_for_an_even_count():
-    """With two repetitions (1 s and 2 s for 4 steps) the median time is 1.5 s: BPS, decode t/s, E2E t/s and GB/s
-    must come from it, as median t/s does, not from the faster repetition."""
-    tg = parse_tests("tg4")[0]
-    reps = [run.Rep(sample_s=t, step_s=[t / 4] * 4, step_tokens=[1] * 4, generated=4) for t in (2.0, 1.0)]
-    cost = roofline.CostModel(weights=100, attention=[(10.0, 0)])
-    r = Result(test="tg4")
-    run.summarize(r, reps, tg, 1, cost, 1.0)
-    assert r.tps_median == pytest.approx(4 / 1.5)
-    assert r.bps == pytest.approx(4 / 1.5) and r.decode_tps == pytest.approx(4 / 1.5)
-    assert r.gbps == pytest.approx(cost.read_bytes(1, 4) / 1.5 / 1e9)
-    pg = parse_tests("pg4,5")[0]
-    reps = [run.Rep(sample_s=t, prefill_s=t / 2, step_s=[t / 8] * 4, step_tokens=[1] * 4, generated=5)
-            for t in (2.0, 1.0)]
-    r = Result(test="pg4,5")
-    run.summarize(r, reps, pg, 1, None, None)
-    assert r.e2e_tps == pytest.approx(5 / 1.5) and r.decode_tps == pytest.approx(4 / 0.75)
-    assert r.ttft_ms == pytest.approx(750.0)
-    pp = parse_tests("pp8")[0]
-    r = Result(test="pp8")
-    run.summarize(r, [run.Rep(sample_s=t, prefill_s=t) for t in (2.0, 1.0)], pp, 1, None, None)
-    assert r.bps == pytest.approx(1 / 1.5) and r.tps_median == pytest.approx(8 / 1.5)
-
-
-def test_sinks_take_their_columns_from_the_result_dataclass():
-    rows = [Result(test="pp8", batch=b, model="m", tps_mean=10.0 * b, tps_stdev=1.0, environment={"commit": "abc"})
-            for b in (1, 2)]
-    csv_text = sinks.render(rows, "csv")
-    header = csv_text.splitlines()[0].split(",")
-    from dataclasses import fields
-
-    assert header[:len(fields(Result)) - 1] == [f.name for f in fields(Result) if f.name != "environment"]
-    assert "env.commit" in header
-    assert [json.loads(line)["batch"] for line in sinks.render(rows, "jsonl").splitlines()] == [1, 2]
-    assert json.loads(sinks.render(rows, "json"))[1]["environment"] == {"commit": "abc"}
-    md = sinks.render(rows, "md")
-    assert "model: m" in md.splitlines()[0]  # constant identifying column above the table
-    assert "| pp8 | 2 | 20.00 ± 1.00 |" in md
-    with pytest.raises(PortableError):
-        sinks.render(rows, "xml")
-    assert not any("noisy" in n for n in sinks.notes(rows))
-    rows[1].tps_stdev = 5.0  # 25% of 20 t/s
-    assert any("noisy" in n and "pp8 b2 (25%)" in n for n in sinks.notes(rows))
-    rows[0].model = "other"  # several models: the noisy row names its model
-    assert any("noisy" in n and " m pp8 b2 (25%)" in n for n in sinks.notes(rows))
-    assert any("try --threads 1" in n for n in sinks.notes(rows))
-    rows[1].threads = 1  # already on one thread: no advice to do so
-    (noisy,) = [n for n in sinks.notes(rows) if "noisy" in n]
-    assert "--threads" not in noisy
-
-
-def test_parity_is_meaningless_on_random_weight_presets():
-    assert "meaningless" in run.parity_note(ModelSource("preset:llama-3.2-1b", "preset"))
-    assert "meaningless" not in run.parity_note(ModelSource("default", "embedded"))
-
-
-def test_unknown_peer_is_refused():
-    from portable.bench.peers import Peers
-
-    with pytest.raises(PortableError, match="unknown peer"):
-        Peers(("vllm",))
-    assert Peers(("hf",)).engines("cpu") == ["hf-dynamic"]
-    assert Peers(("hf",)).engines("cuda") == ["hf-dynamic", "hf-static-compile"]
-    assert Peers(("hf-dynamic",)).engines("cuda") == ["hf-dynamic"]
-    assert Peers(("hf-static-compile",)).engines("cuda") == ["hf-static-compile"]
-    assert Peers(("hf-static-compile",)).engines("cpu") == []
 
 
 # ---- the harness on the embedded model ---------------------------------------------------------------------------
@@ -450,12 +224,12 @@ def test_tests_and_suite_together_are_refused():
     assert result.exit_code == 2 and "not both" in result.output
 
 
-def test_measure_peak_remembers_the_device_and_runs_report_percent_of_it(monkeypatch, cache_dir):
+def test_measure_peak_remembers_the_device_and_runs_report_percent_of_it(monkeypatch, bench_cache_dir):
     real = dev.copy_bandwidth
     monkeypatch.setattr(dev, "copy_bandwidth", lambda device: real(device, nbytes=1 << 20, copies=2, rounds=2))
     result = invoke("--measure-peak")
     assert result.exit_code == 0, result.output
-    stored = json.loads((cache_dir / roofline.PEAK_FILE).read_text())
+    stored = json.loads((bench_cache_dir / roofline.PEAK_FILE).read_text())
     (key,) = stored
     assert key.startswith("cpu:") and stored[key]["gbps"] > 0
     row = json.loads(invoke("-t", "tg4", "-r", "1", "-o", "json", *FAST).stdout)[0]
@@ -483,51 +257,6 @@ def test_output_file_format_comes_from_its_suffix(tmp_path):
     assert "| pp8 |" in result.stdout  # the md table is still shown
     bad = invoke("-t", "pp8", "-o", tmp_path / "r.xml")
     assert bad.exit_code == 2 and "--format" in bad.output
-
-
-# ---- kernel micro-benchmarks -------------------------------------------------------------------------------------
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
-def test_kernels_need_a_gpu_or_the_interpreter_flag(tmp_path):
-    result = invoke("kernels", "-o", tmp_path)
-    assert result.exit_code == 2 and "needs a GPU" in result.output and "--interpret" in result.output
-
-
-def test_kernels_in_the_interpreter_write_tables_and_plots(tmp_path):
-    """In a fresh process without TRITON_INTERPRET, as a user runs it (also on a GPU machine)."""
-    result = run_cli("-m", "portable", "bench", "kernels", "--interpret", "-k",
-                     "rmsnorm,gemv,attention,attention_oproj", "--dtype", "fp32", "-o", str(tmp_path),
-                     unset=("TRITON_INTERPRET",))
-    for name in ("rmsnorm", "gemv", "attention", "attention_oproj"):
-        png = tmp_path / f"{name}-fp32.png"
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        rows = (tmp_path / f"{name}-fp32.csv").read_text().splitlines()
-        assert len(rows) == 3 and "Triton GB/s" in rows[0]
-    assert "speed-up" in result.stdout
-
-
-def test_kernels_help_lists_every_kernel():
-    """`bench kernels --help` names every kernel that `-k` accepts (docs/benchmarks.md lists them too)."""
-    from portable.bench import kernels as bench_kernels
-
-    result = cli.invoke(app, ["bench", "kernels", "--help"], env={"COLUMNS": "400"})
-    assert result.exit_code == 0
-    listed = result.output.split("Kernels to time (default all):")[1].split(".")[0]
-    assert [name.strip() for name in listed.split(",")] == list(bench_kernels.KERNELS)
-
-@pytest.mark.interpreter
-def test_the_attention_oproj_case_does_the_same_job_on_both_sides():
-    """The micro-benchmark compares like with like: the fused kernels and the PyTorch reference leave the same
-    residual (both start from the same caches, each adds W_o . attention once)."""
-    from backends import kernels as k
-    from backends.kernels import activation, attention, gemv, norms, rope  # noqa: F401  (as _kernel_modules does)
-    from portable.bench import kernels as bench_kernels
-
-    fns, nbytes = bench_kernels._case_attention_oproj(k, bench_kernels.TINY, 16, torch.float32, torch.device("cpu"))
-    h_fused = fns["triton"]().clone()
-    h_both = fns["torch"]()  # the same residual tensor: now holds both additions
-    assert nbytes > 0 and h_fused.abs().sum() > 0
-    assert torch.allclose(h_both, 2 * h_fused, rtol=1e-4, atol=1e-5)
 
 
 def test_unusable_output_paths_fail_before_the_sweep_runs(tmp_path, monkeypatch):
