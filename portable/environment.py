@@ -28,7 +28,14 @@ def cpu_name() -> str:
 
 @functools.cache
 def git_commit() -> str | None:
-    root = Path(__file__).resolve().parent.parent
+    return commit_of(Path(__file__).resolve().parent.parent)
+
+
+def commit_of(root: Path) -> str | None:
+    """The commit of the checkout whose top folder is `root`; None for an installed copy, whose site-packages may
+    sit inside some other repository (a project's .venv) that git would otherwise answer for."""
+    if not (root / ".git").exists():
+        return None
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                              text=True, timeout=5)

@@ -19,3 +19,21 @@ def test_non_python_sources_are_package_data():
     for package, pattern in (("backends.kernels", "*.cu"), ("portable.data", "default_model/*")):
         assert pattern in data.get(package, []), (package, pattern)
         assert list((ROOT / package.replace(".", "/")).glob(pattern)), (package, pattern)
+
+
+def test_an_installed_copy_records_no_commit_of_the_repository_around_it(tmp_path):
+    """A non-editable install in a project's .venv: git, asked from site-packages, would answer with that project's
+    commit, which reports would then carry as ours."""
+    import subprocess
+
+    from portable.environment import commit_of
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=u", "-c", "user.email=u@example.com", "commit", "-q",
+                    "--allow-empty", "-m", "someone else's project"], check=True)
+    site = tmp_path / ".venv" / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    assert commit_of(site) is None
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert commit_of(tmp_path) == head  # a checkout still records its commit
