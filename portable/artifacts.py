@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Generic, Iterator, TypeVar
 
+from portable.config import user_cache_dir
 from portable.errors import PortableError
 
 MANIFEST = "artifact.json"
@@ -39,10 +40,7 @@ Loaded = TypeVar("Loaded")
 
 
 def default_root() -> Path:
-    base = os.environ.get("PORTABLE_CACHE_DIR")
-    if base:
-        return Path(base).expanduser() / "artifacts"
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "portable" / "artifacts"
+    return user_cache_dir() / "artifacts"
 
 
 def digest(key: dict) -> str:

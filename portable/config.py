@@ -7,6 +7,7 @@ own. Fields that only some commands use keep their defaults when the others buil
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,17 @@ from pathlib import Path
 DEFAULT_PROMPT = 'def read_lines(path):\n    """Return the lines of the file at *path*."""\n    with open(path) as f:'
 DEFAULT_CACHE = Path("kv_cache.safetensors")
 DEFAULT_MODEL = "default"  # the embedded model shipped in portable/data/default_model
+
+
+
+def user_cache_dir() -> Path:
+    """Where portable keeps what outlives a run (compiled artifacts, measured peak bandwidths): $PORTABLE_CACHE_DIR,
+    else $XDG_CACHE_HOME/portable, else ~/.cache/portable."""
+    base = os.environ.get("PORTABLE_CACHE_DIR")
+    if base:
+        return Path(base).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "portable"
+
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 # int8: dynamic quantization on ONNX Runtime, weight-only on the GPU backends (backends/quantize.py); backends say

@@ -141,6 +141,22 @@ def test_peak_bandwidth_is_remembered_per_device(bench_cache_dir):
     assert (bench_cache_dir / roofline.PEAK_FILE).exists()
 
 
+def test_peak_bandwidths_and_artifacts_share_one_user_cache_folder(monkeypatch, tmp_path):
+    """One default, read the same way: a `~` in $PORTABLE_CACHE_DIR (written where no shell expands it) once put the
+    bandwidths in a folder named `~` under the working directory and the artifacts under the home folder."""
+    from portable import artifacts
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for variable, value, folder in (("PORTABLE_CACHE_DIR", "~/pc", tmp_path / "pc"),
+                                    ("XDG_CACHE_HOME", "~/xdg", tmp_path / "xdg" / "portable"),
+                                    (None, None, tmp_path / ".cache" / "portable")):
+        monkeypatch.delenv("PORTABLE_CACHE_DIR", raising=False)
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+        if variable:
+            monkeypatch.setenv(variable, value)
+        assert roofline.cache_dir() == folder and artifacts.default_root() == folder / "artifacts"
+
+
 def test_copy_bandwidth_is_a_positive_rate():
     assert dev.copy_bandwidth(torch.device("cpu"), nbytes=1 << 20, copies=2, rounds=2) > 0
 

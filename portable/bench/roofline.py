@@ -25,6 +25,7 @@ import torch
 
 from caches import PromptCache, RecurrentLayer, SlidingWindowLayer
 from caches.fileformat import create_temp
+from portable.config import user_cache_dir
 
 PEAK_FILE = "bench_bandwidth.json"
 
@@ -83,10 +84,7 @@ class CostModel:
 
 
 def cache_dir() -> Path:
-    if os.environ.get("PORTABLE_CACHE_DIR"):
-        return Path(os.environ["PORTABLE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "portable"
+    return user_cache_dir()
 
 
 def device_key(device_type: str, device_name: str) -> str:
