@@ -44,7 +44,9 @@ Kernels = Annotated[str, typer.Option("--kernels", help=f"GPU backends: {' or '.
 OrtProvider = Annotated[Optional[str], typer.Option(
     "--ort-provider", help="onnxruntime: execution provider, e.g. CPU, CUDA, ROCm, MIGraphX.")]
 Rebuild = Annotated[bool, typer.Option("--rebuild", help="Build compiled artifacts again instead of reusing them.")]
-ArtifactDir = Annotated[Optional[Path], typer.Option("--artifact-dir", help="Where compiled artifacts are kept.")]
+ArtifactDir = Annotated[Optional[Path], typer.Option(
+    "--artifact-dir", help="Where compiled artifacts are kept (default: artifacts/ in $PORTABLE_CACHE_DIR, else in "
+                           "~/.cache/portable).")]
 
 
 def fail(message: str, code: int) -> None:

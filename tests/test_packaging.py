@@ -37,3 +37,15 @@ def test_an_installed_copy_records_no_commit_of_the_repository_around_it(tmp_pat
     head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
     assert commit_of(tmp_path) == head  # a checkout still records its commit
+
+
+def test_every_environment_variable_of_ours_is_in_the_readme():
+    """A user of the installed package has the README and --help, not the source: each PORTABLE_* variable the code
+    reads must be documented there."""
+    import re
+
+    read = {name for top in ("portable", "backends", "caches") for f in (ROOT / top).rglob("*.py")
+            for name in re.findall(r"\bPORTABLE_[A-Z_]+\b", f.read_text())}
+    assert read, "no PORTABLE_* variable found: the pattern is stale"
+    readme = (ROOT / "README.md").read_text()
+    assert {name for name in read if name not in readme} == set()
