@@ -1,7 +1,11 @@
 """The installed package must hold every subpackage: a non-editable install leaves out any not listed."""
 
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10 (requires-python allows it): the [test] extra brings tomli there
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,3 +53,25 @@ def test_every_environment_variable_of_ours_is_in_the_readme():
     assert read, "no PORTABLE_* variable found: the pattern is stale"
     readme = (ROOT / "README.md").read_text()
     assert {name for name in read if name not in readme} == set()
+
+
+def test_the_code_keeps_to_the_oldest_python_that_pyproject_allows():
+    """requires-python says 3.10: no newer syntax anywhere (ast checks it per version), and no import of a standard
+    module that 3.10 lacks unless a fallback catches its ImportError (the tests on 3.10 once failed to collect)."""
+    import ast
+    import subprocess
+
+    newer = {"tomllib"}  # standard modules added in 3.11 or later that this code base could reach for
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"] == ">=3.10"
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "*.py"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert files
+    for name in files:
+        tree = ast.parse((ROOT / name).read_text(), name, feature_version=(3, 10))
+        guarded = {id(node) for t in ast.walk(tree) if isinstance(t, ast.Try)
+                   if any(isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
+                          for h in t.handlers) for node in t.body}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in guarded:
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not {m.split(".")[0] for m in modules} & newer, f"{name}:{node.lineno} needs Python 3.11"
