@@ -114,6 +114,7 @@ class ArtifactStore:
         folder = None if rebuild else self.find(kind, key)
         compile_s = save_s = None
         if folder is None:
+            self._make_temp(".probe-").rmdir()  # before compiling: an unwritable root would throw the compile away
             built, compile_s = self._timed("compile", f"Building {label}", compile)
             folder, save_s = self._timed("save", f"Saving {label}", lambda: self._save(kind, key, built, save))
             del built
@@ -128,15 +129,19 @@ class ArtifactStore:
             result = fn()
         return result, time.perf_counter() - start
 
-    def _save(self, kind: str, key: dict, built, save: Callable[[object, Path], dict]) -> Path:
-        final = self.folder(kind, key)
+    def _make_temp(self, prefix: str) -> Path:
+        """A fresh folder in the root (made if need be), or one line saying that the root cannot be written."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".building-{final.name}-", dir=self.root))
-            tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache folder from other users
+            return Path(tempfile.mkdtemp(prefix=prefix, dir=self.root))
         except OSError as e:
             raise PortableError(f"cannot write compiled artifacts under {self.root} ({e.strerror or e}); choose "
                                 f"another folder with --artifact-dir or $PORTABLE_CACHE_DIR") from e
+
+    def _save(self, kind: str, key: dict, built, save: Callable[[object, Path], dict]) -> Path:
+        final = self.folder(kind, key)
+        tmp = self._make_temp(f".building-{final.name}-")
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache folder from other users
         try:
             meta = save(built, tmp) or {}
             manifest = {"format": FORMAT, "version": 1, "kind": kind, "key": key,

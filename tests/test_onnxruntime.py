@@ -443,6 +443,15 @@ def test_store_default_root_follows_the_environment(monkeypatch, tmp_path):
     assert ArtifactStore().root == tmp_path / "artifacts"
 
 
+def test_store_refuses_an_unwritable_folder_before_compiling(tmp_path):
+    """A read-only home or --artifact-dir: one line before the build, not after minutes of exporting."""
+    (tmp_path / "a-file").write_text("")
+    calls = []
+    with pytest.raises(PortableError, match="cannot write compiled artifacts under .*--artifact-dir"):
+        _store_get(ArtifactStore(root=tmp_path / "a-file" / "artifacts"), {"model": "a"}, calls)
+    assert calls == []
+
+
 def test_the_fingerprint_is_hashed_once_per_process_until_a_file_changes(tiny_model, tmp_path, monkeypatch):
     folder = tmp_path / "model"
     shutil.copytree(tiny_model("llama"), folder)
