@@ -156,6 +156,11 @@ def _eos_ids(runner) -> frozenset[int]:
 
 
 def make_stopper(runner, config: RunConfig) -> Stopper:
+    """Stop strings are found in the decoded text: without a tokenizer there is none, so they are refused rather than
+    ignored (the report's text, ids joined by spaces, would still be cut at them)."""
+    if config.stop and runner.tokenizer is None:
+        raise PortableError("--stop needs the model's tokenizer to read the generated text, and the model has no "
+                            "tokenizer files; leave --stop out or give a model folder with its tokenizer")
     return Stopper(tokenizer=runner.tokenizer, eos_ids=frozenset() if config.ignore_eos else _eos_ids(runner),
                    stop_strings=config.stop)
 

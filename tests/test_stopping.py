@@ -3,11 +3,13 @@
 A `--stop` string or EOS ends one sequence of a batch while the other runs on to the token limit; the finished
 sequence's later tokens are neither kept, streamed nor counted; tokens per second counts only real tokens (no padding
 in prefill, no finished rows in decode); the device-side greedy path with chunked read-back agrees; parity holds with
-the same stop conditions on the reference.
+the same stop conditions on the reference; a stop string is refused for a model without a tokenizer (no text to
+find it in).
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from typer.testing import CliRunner
 from portable import pipeline
 from portable.cli import app
 from portable.config import RunConfig
+from portable.models import DEFAULT_MODEL_DIR
 from tests.models import PROMPTS
 
 NEW = 24
@@ -105,3 +108,18 @@ def test_decode_stop_on_the_command_line(batch_cache, tmp_path):
     assert result.exit_code == 0, result.output
     assert f"--- sequence 0 ({NEW} tokens, length)" in result.stdout
     assert "--- sequence 1 (" in result.stdout and " tokens, stop)" in result.stdout
+
+
+def test_a_stop_string_is_refused_for_a_model_without_a_tokenizer(tmp_path):
+    """Without a tokenizer there is no text to find a stop string in: it was ignored while the report's text (ids
+    joined by spaces) was cut at it, e.g. to '' for --stop 1."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(DEFAULT_MODEL_DIR / name, bare / name)
+    cache = tmp_path / "c.safetensors"
+    assert cli.invoke(app, ["prefill", "--model", str(bare), "--out", str(cache), "-q"]).exit_code == 0
+    result = cli.invoke(app, ["decode", "--model", str(bare), "--cache", str(cache), "-n", "4", "--stop", "1"])
+    assert result.exit_code == 2 and "--stop needs the model's tokenizer" in result.stderr, result.output
+    report = decode(cache, model=str(bare), parity=False)
+    assert report.finish_reasons == ["length"] and report.text[0].split() == [str(t) for t in report.tokens[0]]
