@@ -29,7 +29,8 @@ Device = Annotated[Optional[str], typer.Option("--device", help="Device index or
 Attn = Annotated[str, typer.Option("--attn", help=f"Attention implementation: {', '.join(ATTENTION)}.")]
 CachePath = Annotated[Path, typer.Option("--cache", "-c", help="The cache file written by prefill.")]
 MaxNew = Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="New tokens per sequence.")]
-Stop = Annotated[Optional[list[str]], typer.Option("--stop", help="A string that ends a sequence (repeatable).")]
+Stop = Annotated[Optional[list[str]], typer.Option(
+    "--stop", help="A string that ends a sequence (repeatable; '\\n' is a newline, as in --prompt).")]
 JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Write the full report as JSON to this file.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the result lines, no streamed text.")]
 Temperature = Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")]
@@ -144,11 +145,17 @@ def sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: f
                           seed=seed)
 
 
+def unescape(text: str) -> str:
+    """'\\n' and '\\t' typed on the command line as the newline and tab they stand for."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def stop_strings(stop: list[str] | None) -> tuple[str, ...]:
-    """--stop values; an empty one would match any text and end every sequence at its first token."""
+    """--stop values, with the escapes of --prompt (a newline is the usual stop); an empty one would match any text
+    and end every sequence at its first token."""
     if any(s == "" for s in stop or ()):
         raise PortableError("--stop '' is empty: it would end every sequence at its first token; give some text")
-    return tuple(stop or ())
+    return tuple(unescape(s) for s in stop or ())
 
 
 def read_prompts(prompts: list[str] | None) -> tuple[str, ...]:
@@ -160,7 +167,7 @@ def read_prompts(prompts: list[str] | None) -> tuple[str, ...]:
     for p in prompts:
         where = "the prompt on stdin" if p == "-" else "a --prompt value"
         try:  # undecodable bytes (from stdin, or from argv as surrogates) would fail deep in the tokenizer
-            text = sys.stdin.read() if p == "-" else p.replace("\\n", "\n").replace("\\t", "\t")
+            text = sys.stdin.read() if p == "-" else unescape(p)
             text.encode("utf-8")
         except UnicodeError as e:
             raise PortableError(f"{where} is not valid UTF-8 text") from e

@@ -9,6 +9,7 @@ find it in).
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -123,3 +124,18 @@ def test_a_stop_string_is_refused_for_a_model_without_a_tokenizer(tmp_path):
     assert result.exit_code == 2 and "--stop needs the model's tokenizer" in result.stderr, result.output
     report = decode(cache, model=str(bare), parity=False)
     assert report.finish_reasons == ["length"] and report.text[0].split() == [str(t) for t in report.tokens[0]]
+
+
+def test_a_newline_stop_typed_as_backslash_n_ends_a_sequence_at_its_very_first_token(tmp_path):
+    """`--stop '\\n'` is a newline, as in --prompt (it was the two characters backslash and n, which never came). The
+    default prompt's first new token is a newline and indentation: the sequence stops there, before any decode
+    step, so there are no decode metrics."""
+    cache = tmp_path / "c.safetensors"
+    assert cli.invoke(app, ["prefill", "--out", str(cache), "-q"]).exit_code == 0
+    result = cli.invoke(app, ["decode", "--cache", str(cache), "--stop", "\\n", "-n", "8", "--json",
+                              str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["new_tokens"] == [1] and report["finish_reasons"] == ["stop"] and report["text"] == [""]
+    assert report["timing"]["decode"] is None and "Decode (" not in result.stdout
+    assert result.stdout.startswith("\nParity vs CPU FP32: exact (1/1 tokens)")
