@@ -1,6 +1,7 @@
-"""The parity verdict's rules on hand-made tokens and logits (no model): the sampler's id-ordered CDF and its
-slices, the decision margin at a mismatch, the tolerance, and each verdict rule of `portable.parity.compare`. The
-verdicts on the embedded model and the `portable parity` matrix are in test_parity.py."""
+"""The parity verdict's rules on hand-made tokens and logits (no model): the sampler's distribution against Hugging
+Face's processors, its id-ordered CDF and its slices, the decision margin at a mismatch, the tolerance, and each
+verdict rule of `portable.parity.compare`. The verdicts on the embedded model and the `portable parity` matrix are in
+test_parity.py."""
 
 from __future__ import annotations
 
@@ -38,6 +39,30 @@ def test_top_k_candidates_found_with_the_logits_pick_what_the_host_path_picks(dt
         for _ in range(3):
             picked = fast.pick(logits, history)
             assert picked == [Sampler._choose(i, p, r) for (i, p), r in zip(host_rows, host.draw())]
+
+
+def test_the_sampling_distribution_is_that_of_hugging_faces_processors():
+    """README: penalty (prompt and generated tokens), temperature, top-k (ties at the k-th kept), top-p (at least one
+    token) give `generate`'s distribution on the same logits."""
+    from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
+                                                        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    from portable.sampling import Sampler
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 64, generator=gen) * 3
+    logits[1, [10, 20, 30]] = logits[1].sort(descending=True).values[1]  # ties at the 2nd largest value
+    history = [[5, 9, 9, 63], [1, 40, 40, 1]]  # the prompt's tokens and the generated ones alike
+    for t, k, p, rp in [(1.0, 0, 1.0, 1.3), (0.7, 3, 1.0, 0.8), (1.3, 0, 0.8, 1.2), (0.9, 10, 0.5, 1.1),
+                        (1.0, 0, 0.0, 1.0), (0.5, 2, 0.95, 1.0)]:
+        config = SamplingConfig(temperature=t, top_k=k, top_p=p, repetition_penalty=rp)
+        hf = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(rp), TemperatureLogitsWarper(t)]
+                                 + ([TopKLogitsWarper(k)] if k else []) + ([TopPLogitsWarper(p)] if p < 1 else []))
+        expected = torch.softmax(hf(torch.tensor(history), logits.double()), -1)
+        sampler = Sampler(config, 2)
+        for b, (ids, probs) in enumerate(sampler.distribution(sampler.process(logits, history))):
+            ours = torch.zeros(64, dtype=torch.float64).index_put_((ids,), probs)
+            assert torch.allclose(ours, expected[b], atol=1e-6), (config, b)
 
 
 def test_a_near_tie_swapping_rank_moves_the_sampled_slices_only_by_the_probability_error():
