@@ -7,6 +7,7 @@ all registered on the one typer app in `portable/cli.py`.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -70,6 +71,9 @@ def command(fn):
             fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             fail("interrupted", 130)
+        except BrokenPipeError:  # stdout's reader went away (`decode | head`): stop quietly, as other Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+            raise typer.Exit(141)  # 128 + SIGPIPE, the status a shell shows for a tool killed by the closed pipe
         except Exception as e:  # a bug or an unforeseen environment problem: still one line without --debug
             if debug:
                 traceback.print_exc()

@@ -4,7 +4,10 @@ error (non-zero exit, no traceback unless --debug, nothing overwritten)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ from typer.testing import CliRunner
 
 from portable.cli import app
 from portable.config import DEFAULT_PROMPT
-from tests.conftest import read_json, run_cli
+from tests.conftest import ROOT, read_json, run_cli
 
 runner = CliRunner()
 
@@ -403,3 +406,16 @@ def test_artifact_options_on_the_cpu_backend_are_refused(made, tmp_path, option)
     assert "not --backend cpu" in one_line_error(invoke("decode", "--cache", cache, *option))
     assert "not --backend cpu" in one_line_error(invoke("prefill", "--out", tmp_path / "c.st", *option))
     assert not (tmp_path / "c.st").exists()
+
+
+def test_decode_into_a_closed_pipe_stops_quietly(made):
+    """`decode | head`: once the reader is gone the streamed text cannot go anywhere; the run stops with the status of
+    a tool killed by SIGPIPE and no "unexpected BrokenPipeError" line (the read end here is closed from the start)."""
+    _, cache, _ = made
+    read, write = os.pipe()
+    os.close(read)
+    with open(write, "wb") as closed:
+        proc = subprocess.run([sys.executable, "decode.py", "--cache", str(cache), "-n", "4", "--no-parity"],
+                              cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=closed,
+                              stderr=subprocess.PIPE, text=True, timeout=600)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr
