@@ -101,8 +101,9 @@ def test_rope_matches_transformers_llama():
 @pytest.mark.parametrize("cur", [33, 20, 8])
 def test_rope_attention_with_several_blocks_per_chunk(window, cur):
     """`blocks_per_chunk` (a tuning knob: each pass-1 program walks that many blocks of slots) changes the split of
-    the work, not the result: the new slot in the first block of a chunk (cur 8: 0-15 of 0-15), in a later one (20),
-    and past the first chunk (33)."""
+    the work, not the result: the new slot in the first block of a chunk (cur 8: block 0-15 of chunk 0-31), in a
+    later one (20: block 16-31), and past the first chunk (33). Blocks of 16 slots, the fewest a compiled run's
+    tensor-core dots take (this test runs compiled on a GPU)."""
     b, hk, group, d, s = 2, 2, 2, 32, 40
     hq = hk * group
     qkv = rand(b, (hq + 2 * hk) * d, seed=50)
@@ -111,8 +112,8 @@ def test_rope_attention_with_several_blocks_per_chunk(window, cur):
     slot = torch.tensor([cur], dtype=torch.int32, device=DEVICE)
     old_k, old_v = rand(b, hk, s, d, seed=51), rand(b, hk, s, d, seed=52)
     kc1, vc1, kc2, vc2 = old_k.clone(), old_v.clone(), old_k.clone(), old_v.clone()
-    attn = attention.RopeAttention(b, hq, hk, d, s, DEVICE, block_s=8, blocks_per_chunk=2)
-    assert attn.n_chunks == 3
+    attn = attention.RopeAttention(b, hq, hk, d, s, DEVICE, block_s=16, blocks_per_chunk=2)
+    assert attn.n_chunks == 2
     for ws in (attn.m, attn.l, attn.acc):
         ws.fill_(float("nan"))
     attn.rope_attention(qkv, pos, inv_freq(d), 1.0, kc1, vc1, start, slot, d ** -0.5, window, None, None, 1e-6, 0.0)
@@ -122,6 +123,18 @@ def test_rope_attention_with_several_blocks_per_chunk(window, cur):
     out2 = attention.decode_attention_torch(q, kc2, vc2, start, slot, d ** -0.5, window)
     assert rel_err(out1, out2) < 1e-5
     assert rel_err(kc1, kc2) < 1e-5 and torch.equal(vc1, vc2)
+
+
+def test_compiled_attention_refuses_blocks_its_dots_cannot_take(monkeypatch):
+    """Compiled (tensor-core dots, faked here: the interpreter takes any size), Triton 3.6 on NVIDIA needs K >= 16 in
+    tl.dot: pass 1's p . v has K = block_s and q . k^T has K = head_dim / 2. A smaller one is refused where it is
+    set, not left to fail as a CompilationError in graph capture (block_s=8 did, in the test above, on a GPU)."""
+    monkeypatch.setattr(attention, "interpreting", lambda: False)
+    assert attention.RopeAttention(1, 4, 2, 64, 40, "cpu", block_s=16).use_dot
+    with pytest.raises(ValueError, match="at least 16 slots"):
+        attention.RopeAttention(1, 4, 2, 64, 40, "cpu", block_s=8, blocks_per_chunk=2)
+    with pytest.raises(ValueError, match="head_dim >= 32"):
+        attention.RopeAttention(1, 4, 2, 16, 40, "cpu", block_s=32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -88,6 +88,10 @@ class DecodeAttention:
         self.group_p2 = group_rows(self.group, self.use_dot)
         self.block_s = block_s or (64 if self.use_dot else
                                    max(16, min(64, 16384 // (self.group_p2 * head_dim))))
+        if self.use_dot and (self.block_s < 16 or head_dim < 32):  # Triton's tl.dot on NVIDIA: K >= 16 (the
+            # interpreter takes any size, so only a compiled run would fail, deep in graph capture)
+            raise ValueError(f"compiled attention needs blocks of at least 16 slots and head_dim >= 32 (tensor-core "
+                             f"dots over 16 values or more), not block_s={self.block_s}, head_dim={head_dim}")
         self.blocks_per_chunk = blocks_per_chunk
         self.n_chunks = math.ceil(max_slots / (self.block_s * blocks_per_chunk))
         # the combines' chunk axis (a power of two, at least min_chunks_p2; chunks past n_chunks are masked)
