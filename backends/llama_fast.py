@@ -85,7 +85,8 @@ def supports(model) -> str | None:
 
 
 class FastDecoder:
-    """The weights, static buffers and step function; device-agnostic (CUDA graphs are added by `backends.fast_runner.FastRunner`)."""
+    """The weights, static buffers and step function; device-agnostic (CUDA graphs are added by
+    `backends.fast_runner.FastRunner`)."""
 
     def __init__(self, model, kernels: str = "triton", pdl: bool = False, int8: dict | None = None):
         """`int8`: {linear module: (q, s)} from `backends.quantize.quantize_linears_(model)` (which also left q * s

@@ -32,7 +32,7 @@ import torch
 from backends import onnx_export
 from backends.base import Availability, RunnerInfo
 from backends.onnx_export import GraphSpec
-from caches import AttentionLayer, PromptCache, RecurrentLayer, SlidingWindowLayer
+from caches import AttentionLayer, PromptCache, SlidingWindowLayer
 from portable import models
 from portable.artifacts import ArtifactStore, Stages, read_manifest
 from portable.errors import BackendUnavailable, PortableError

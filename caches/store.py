@@ -148,7 +148,8 @@ def _parse_meta(path: Path, raw: dict, strict: bool = True) -> dict:
     except json.JSONDecodeError as e:
         raise CacheFileError(f"{path} has corrupt cache metadata (not valid JSON: {e})") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise CacheFileError(f"{path} is not a portable cache (format is {meta.get('format') if isinstance(meta, dict) else None!r})")
+        found = meta.get('format') if isinstance(meta, dict) else None
+        raise CacheFileError(f"{path} is not a portable cache (format is {found!r})")
     version = meta.get("version")
     if not isinstance(version, int):
         raise CacheFileError(f"{path} has no valid format version")
@@ -316,7 +317,8 @@ def load_cache(path: Path, dtype: torch.dtype | None = None, device: str | torch
         "path": str(path), "bytes": meta.get("_file_bytes", path.stat().st_size), "format_version": FORMAT_VERSION,
         "file_format_version": original_version, "created": meta.get("created"),
         "portable_version": meta.get("portable_version"), "storage": storage, "stored_dtype": stored,
-        "cast": cast, "checksum_verified": verify, "payload_crc32": raw_meta.get(fileformat.CHECKSUM_KEY), "read_s": read_s, "load_s": time.perf_counter() - start,
+        "cast": cast, "checksum_verified": verify, "payload_crc32": raw_meta.get(fileformat.CHECKSUM_KEY),
+        "read_s": read_s, "load_s": time.perf_counter() - start,
     }
     return cache
 

@@ -40,7 +40,8 @@ def prefill(
     device: Device = None,
     attn: Attn = "sdpa",
     cache_storage: Annotated[str, typer.Option(
-        "--cache-storage", help="native, or int8 (keys/values with per-token scales: ~4x smaller than fp32).")] = "native",
+        "--cache-storage",
+        help="native, or int8 (keys/values with per-token scales: ~4x smaller than fp32).")] = "native",
     ort_provider: OrtProvider = None,
     rebuild: Rebuild = False,
     artifact_dir: ArtifactDir = None,
@@ -59,7 +60,8 @@ def prefill(
     check_output("--json", json_path, ("--out", out))
     artifacts_for(backend, rebuild, artifact_dir)
     config = RunConfig(model=model, prompts=read_prompts(prompt), batch=batch, cache_path=out, backend=backend,
-                       precision=precision, device=device_for(backend, device), attn=check_choice(attn, ATTENTION, "attention"),
+                       precision=precision, device=device_for(backend, device),
+                       attn=check_choice(attn, ATTENTION, "attention"),
                        cache_storage=check_choice(cache_storage, CACHE_STORAGE, "cache storage"),
                        ort_provider=ort_only(backend, ort_provider), rebuild=rebuild, artifact_dir=artifact_dir,
                        quiet=quiet)

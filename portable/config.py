@@ -19,7 +19,6 @@ DEFAULT_CACHE = Path("kv_cache.safetensors")
 DEFAULT_MODEL = "default"  # the embedded model shipped in portable/data/default_model
 
 
-
 def user_cache_dir() -> Path:
     """Where portable keeps what outlives a run (compiled artifacts, measured peak bandwidths): $PORTABLE_CACHE_DIR,
     else $XDG_CACHE_HOME/portable, else ~/.cache/portable."""

@@ -154,7 +154,8 @@ def test_peak_bandwidths_and_artifacts_share_one_user_cache_folder(monkeypatch, 
         monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
         if variable:
             monkeypatch.setenv(variable, value)
-        assert roofline.cache_dir() == folder and artifacts.default_root() == folder / "artifacts"
+        assert roofline.remember_peak("k", 1.0, "test").parent == folder
+        assert artifacts.default_root() == folder / "artifacts"
 
 
 def test_copy_bandwidth_is_a_positive_rate():

@@ -12,7 +12,8 @@ import pytest
 import safetensors
 import torch
 
-from caches import AttentionLayer, PromptCache, RecurrentLayer, SlidingWindowLayer, load_cache, read_metadata, save_cache
+from caches import (AttentionLayer, PromptCache, RecurrentLayer, SlidingWindowLayer, load_cache, read_metadata,
+                    save_cache)
 from caches import store
 from portable.errors import CacheFileError
 
@@ -338,7 +339,8 @@ def test_a_cache_of_no_sequences_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("pad_token_id", "abc", "pad_token_id"), ("pad_token_id", None, "pad_token_id"), ("pad_token_id", -5, "pad_token_id"),
+    ("pad_token_id", "abc", "pad_token_id"), ("pad_token_id", None, "pad_token_id"),
+    ("pad_token_id", -5, "pad_token_id"),
     ("pad_token_id", 10 ** 9, "pad_token_id"), ("prefill", "x", "prefill"), ("model", "x", "model")])
 def test_metadata_fields_of_the_wrong_type_are_refused(good, key, value, message):
     rewrite(good, meta_change=lambda meta: meta.update({key: value}))

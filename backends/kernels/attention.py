@@ -16,7 +16,8 @@ head looping over the whole cache was slower (too few programs), and folding RoP
 launches cost the same as separate launches under programmatic dependent launch, but leaves fewer kernels to
 maintain. On an H200 (commit 09c79ff), one launch per layer doing RoPE, cache write, attention and W_o (every row
 block of W_o attending over the whole cache) was no faster than these two launches with one slot in use (841.8 vs
-840.4 us per Llama-3.2-1B step) and slower with more (904.5 vs 826.2 us at 64 slots): the step is bound by its chain of dependent memory round trips, not by launches.
+840.4 us per Llama-3.2-1B step) and slower with more (904.5 vs 826.2 us at 64 slots): the step is bound by its chain
+of dependent memory round trips, not by launches.
 """
 
 from __future__ import annotations

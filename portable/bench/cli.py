@@ -15,7 +15,7 @@ import typer
 from portable.bench.plan import GPU_SYNC_EVERY
 from portable.bench.spec import SweepSpec
 from portable.cli_options import BACKEND_NAMES, Debug, check_output, command, fail
-from portable.config import ALL_PRECISIONS, ATTENTION, KERNELS
+from portable.config import ALL_PRECISIONS, ATTENTION, KERNELS, user_cache_dir
 
 DEFAULTS = SweepSpec()
 
@@ -44,9 +44,11 @@ def bench(
     suite: Annotated[Optional[str], typer.Option("--suite", help=(
         "Seed-003 suite instead of --tests: quick (short, medium), standard (+ prefill, decode, sampled), full "
         "(+ long, full-pipe); or a comma list of those configurations, e.g. medium,sampled."))] = None,
-    repetitions: Annotated[Optional[int], typer.Option("--repetitions", "-r", min=1, help=f"Timed repetitions ({DEFAULTS.repetitions}).")
+    repetitions: Annotated[Optional[int], typer.Option(
+        "--repetitions", "-r", min=1, help=f"Timed repetitions ({DEFAULTS.repetitions}).")
                            ] = None,
-    warmup: Annotated[Optional[int], typer.Option("--warmup", min=0, help=f"Untimed repetitions first ({DEFAULTS.warmup}).")] = None,
+    warmup: Annotated[Optional[int], typer.Option(
+        "--warmup", min=0, help=f"Untimed repetitions first ({DEFAULTS.warmup}).")] = None,
     sync_every: Annotated[ListOpt, typer.Option("--sync-every", help=(
         f"Read generated tokens back every N decode steps (default {GPU_SYNC_EVERY} on GPUs, 1 elsewhere)."))] = None,
     threads: Annotated[ListOpt, typer.Option("--threads", help="CPU threads (torch.set_num_threads).")] = None,
@@ -160,7 +162,7 @@ def _measure_peaks(spec) -> None:
         device = torch.device(spec.device or "cuda") if name in ("cuda", "rocm") else torch.device("cpu")
         key, gbps = roofline.measure_peak(device)
         typer.echo(f"peak bandwidth of {key}: {gbps:.1f} GB/s (copy benchmark), remembered in "
-                   f"{roofline.cache_dir() / roofline.PEAK_FILE}", err=True)
+                   f"{user_cache_dir() / roofline.PEAK_FILE}", err=True)
 
 
 def _run(spec, peers, quiet: bool, debug: bool):
@@ -183,7 +185,8 @@ def _run(spec, peers, quiet: bool, debug: bool):
 @command
 def kernels_cmd(
     names: Annotated[ListOpt, typer.Option("--kernel", "-k", help=(
-        "Kernels to time (default all): rmsnorm, add_rmsnorm, gated, rope_qk, gemv, attention, attention_oproj."))] = None,
+        "Kernels to time (default all): rmsnorm, add_rmsnorm, gated, rope_qk, gemv, attention, "
+        "attention_oproj."))] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16.")] = "bf16",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNG plots and CSV tables.")] = Path(
         "bench-kernels"),

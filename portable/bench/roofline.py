@@ -83,17 +83,13 @@ class CostModel:
         return float(self.weights * steps + np.sum(kv) + self.states * steps)
 
 
-def cache_dir() -> Path:
-    return user_cache_dir()
-
-
 def device_key(device_type: str, device_name: str) -> str:
     return f"{device_type}:{device_name}"
 
 
 def _read() -> dict:
     try:
-        return json.loads((cache_dir() / PEAK_FILE).read_text())
+        return json.loads((user_cache_dir() / PEAK_FILE).read_text())
     except (OSError, ValueError):
         return {}
 
@@ -105,7 +101,7 @@ def remembered_peak(key: str) -> float | None:
 
 def remember_peak(key: str, gbps: float, method: str) -> Path:
     """Store a device's measured bandwidth (atomically: a concurrent reader never sees half a file)."""
-    folder = cache_dir()
+    folder = user_cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     data = _read()
     data[key] = {"gbps": gbps, "method": method,
