@@ -317,3 +317,71 @@ def test_cuda_graph_decode_matches_eager_fast_path(kernels):
         picks.append(int(token))
     graphed.start(cache, 8)
     assert graphed.greedy_steps(first, 7)[0].tolist() == picks
+
+
+def test_cuda_pipeline_on_a_stand_in_gpu(cpu_cache, tmp_path, monkeypatch):
+    """`decode --backend cuda` end to end on the CPU: a stand-in for the CUDA graph API (capture records the decoder's
+    step, replay runs it) lets the real capture, artifact and warm-up code run, as the GPU tests cannot in CI. The
+    first run compiles, captures once and saves the artifact; a second load reuses it; both are exact."""
+    import contextlib
+
+    from backends import llama_fast
+    from portable import pipeline
+
+    replays, capturing = [], []
+    step = llama_fast.FastDecoder.step
+
+    class Graph:
+        def __init__(self):
+            self.steps = []
+
+        def pool(self):
+            return None
+
+        def replay(self):
+            for decoder, greedy in self.steps:
+                replays.append(greedy)
+                step(decoder, greedy)
+
+    @contextlib.contextmanager
+    def graph(g, pool=None):
+        capturing.append(g)
+        yield
+        capturing.pop()
+
+    def recorded_step(self, greedy=False):  # inside a capture a step is recorded, not run (as on a GPU)
+        if capturing:
+            capturing[-1].steps.append((self, greedy))
+            return self.logits
+        return step(self, greedy)
+
+    class Stream:  # a class, as transformers annotates with torch.cuda.Stream | None at import time
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    for name, value in {"CUDAGraph": Graph, "graph": graph, "Stream": Stream,
+                        "stream": lambda s: contextlib.nullcontext(), "current_stream": lambda device=None: Stream(),
+                        "synchronize": lambda device=None: None, "set_device": lambda device: None,
+                        "get_device_name": lambda device=None: "stand-in sm_90",
+                        "get_device_capability": lambda device=None: (9, 0)}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(llama_fast.FastDecoder, "step", recorded_step)
+    monkeypatch.setattr(CudaBackend, "is_available", lambda self: backends.Availability(True))
+    monkeypatch.setattr(TorchGpuBackend, "device", lambda self, config: torch.device("cpu"))
+    init = FastRunner.__init__
+    monkeypatch.setattr(FastRunner, "__init__",
+                        lambda self, *a, **k: (init(self, *a, **k), setattr(self, "graphs", True))[0])
+
+    config = RunConfig(cache_path=cpu_cache, backend="cuda", precision="fp32", max_new_tokens=8, kernels="torch",
+                       artifact_dir=tmp_path / "art")  # torch kernels: the interpreter's would take minutes
+    first = pipeline.decode(config)
+    assert first.parity.verdict == "exact" and first.backend_details["graph_captures"] == 1
+    assert first.timing.compile_s > 0 and first.timing.artifact_reused is False
+    assert replays[0] is False and replays[1:8] == [True] * 7  # the warm-up step, then the timed greedy steps
+    assert first.timing.decode.calls == 7
+    second = pipeline.decode(config)
+    assert second.timing.artifact_reused is True and second.timing.compile_s is None and second.timing.load_s > 0
+    assert second.tokens == first.tokens and second.parity.verdict == "exact"
