@@ -16,8 +16,8 @@ from tests.conftest import ROOT
 # shapes in bf16 and int8, Gemma3 (GeGLU, 1 + w norms, sliding layers, head_dim 256) and Mistral (4096 wide)
 SPECS = ["default:fp32", "default:bf16", "default:fp16", "default:int8", "preset:llama-3.2-1b:bf16",
          "preset:llama-3.2-1b:int8", "preset:qwen3-1.7b:bf16", "preset:gemma3-1b:bf16", "preset:mistral-7b:bf16"]
-KERNELS = {"_embed_kernel", "_gemv_kernel", "_rope_attn_partial_kernel", "_combine_oproj_kernel", "_attn_combine_kernel",
-           "_advance_kernel", "_rmsnorm_kernel", "_gated_kernel"}
+KERNELS = {"_embed_kernel", "_gemv_kernel", "_rope_attn_partial_kernel", "_combine_oproj_kernel",
+           "_attn_combine_kernel", "_advance_kernel", "_rmsnorm_kernel", "_gated_kernel"}
 
 
 @pytest.mark.slow
