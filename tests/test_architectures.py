@@ -47,6 +47,24 @@ def test_file_round_trip_matches_generate(name, tiny_model, tmp_path):
     assert set(loaded.kinds()) == set(ARCHITECTURES[name].cache_kinds)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "onnxruntime"])
+@pytest.mark.parametrize("name", [n for n, a in ARCHITECTURES.items() if "sliding_attention" in a.cache_kinds])
+def test_a_decode_that_crosses_the_sliding_window_matches_generate(name, backend, tiny_model, tmp_path):
+    """Prompts shorter than the window, whose decode then goes past it: the file holds every token so far, and the
+    decode must start dropping the oldest ones at the right step (the test above starts past the window)."""
+    folder = tiny_model(name)
+    prompts = ("import os", "def f(x):")
+    cache = tmp_path / "c.safetensors"
+    run_cli("prefill.py", "--model", str(folder), "--out", str(cache), "--prompt", prompts[0], "--prompt", prompts[1],
+            "-q")
+    artifacts = ["--artifact-dir", str(tmp_path / "art")] if backend == "onnxruntime" else []
+    run_cli("decode.py", "--cache", str(cache), "--backend", backend, "-n", str(NEW), "--no-parity", "--json",
+            str(tmp_path / "r.json"), *artifacts, "-q")
+    expected, lengths = hf_generate(folder, prompts, NEW)
+    assert lengths[0] != lengths[1] and max(lengths) < WINDOW < min(lengths) + NEW
+    assert read_json(tmp_path / "r.json")["tokens"] == expected
+
+
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_forward_calls_use_the_installed_transformers_cache_keyword(name, tiny_model):
     """transformers 5.24 renamed the forward's cache keyword (`past_key_values` / `cache_params` -> `cache`) and
