@@ -103,7 +103,7 @@ class Reference:
         if a and b and a.split(":")[0] == b.split(":")[0] and a != b:  # comparable only within one hashing scheme
             raise PortableError(f"the reference file was decoded with other model weights ({a}) than the loaded "
                                 f"model ({b})")
-        if self.sampling != asdict(config.sampling):
+        if _decisive(self.sampling) != _decisive(asdict(config.sampling)):
             raise PortableError(f"the reference file was decoded with sampling {self.sampling}, this run uses "
                                 f"{asdict(config.sampling)}")
         if self.stopping != stopping(config):
@@ -118,6 +118,11 @@ class Reference:
 def stopping(config: RunConfig) -> dict:
     """The stop conditions a reference records: they decide where its sequences end."""
     return {"stop": list(config.stop), "ignore_eos": config.ignore_eos}
+
+
+def _decisive(sampling: dict) -> dict:
+    """The sampling settings that pick the tokens: greedy decoding draws nothing, so its seed does not count."""
+    return {k: v for k, v in sampling.items() if not (k == "seed" and sampling["temperature"] == 0.0)}
 
 
 def _describe_stopping(stop: dict) -> str:

@@ -271,6 +271,11 @@ def test_a_reference_file_must_match_the_run_stop_conditions_and_model(caches, t
     result = invoke("decode", "--cache", cache, "--reference", ref, "-n", 8, "--stop", "(", "-q")
     assert result.exit_code == 0, result.output
     assert "Parity vs CPU FP32: exact" in result.stdout
+    result = invoke("decode", "--cache", cache, "--reference", ref, "-n", 8, "--stop", "(", "--seed", 7, "-q")
+    assert result.exit_code == 0, result.output  # greedy draws nothing: its seed does not tell the runs apart
+    line = one_line_error(invoke("decode", "--cache", cache, "--reference", ref, "-n", 8, "--stop", "(",
+                                 "--temperature", 1, "--seed", 7))
+    assert "sampling" in line
     line = one_line_error(invoke("decode", "--cache", cache, "--reference", ref, "-n", 8))
     assert "--stop '('" in line and "no --stop" in line
     line = one_line_error(invoke("decode", "--cache", cache, "--reference", ref, "-n", 8, "--stop", "(",
