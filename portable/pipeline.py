@@ -277,7 +277,7 @@ def decode(config: RunConfig, on_tokens: Callable[[int, list[int | None]], None]
     cache_cpu = load_cache(config.cache_path)
     hf_caches.check_compatible(cache_cpu, runner.config)
     check_context(runner.config, cache_cpu.seen_tokens, config.max_new_tokens)
-    warnings = check_identity(cache_cpu, runner.info.identity, config.force)
+    warnings = check_identity(cache_cpu, runner.info.identity, config.force) + _parity_scope(cache_cpu, config)
     cache = runner.place_cache(cache_cpu) if hasattr(runner, "place_cache") else cache_cpu.to(runner.device,
                                                                                                 runner.dtype)
     runner.synchronize()
@@ -317,6 +317,16 @@ def decode(config: RunConfig, on_tokens: Callable[[int, list[int | None]], None]
         backend_details={"device_name": info.device_name, "sync_every": config.sync_every, **info.details,
                          **({"int8_scheme": int8_scheme(config.backend)} if config.precision == "int8" else {})},
         environment=environment())
+
+
+def _parity_scope(cache: PromptCache, config: RunConfig) -> list[str]:
+    """A cache prefilled below FP32 is the reference's starting point too (only int8 storage is prefilled again): say
+    that the verdict then leaves the prefill's rounding out."""
+    made = cache.prefill.get("precision")
+    if not config.parity or made in (None, "fp32") or lossy_storage(cache):
+        return []
+    return [f"the cache was prefilled at {made}: parity compares this decode with CPU FP32 decoding from the same "
+            f"file, so the prefill's own rounding is not judged (prefill at fp32 to include it)"]
 
 
 def _warm_up_step(runner, cache: PromptCache, max_new_tokens: int) -> None:

@@ -311,3 +311,16 @@ def test_int8_cache_storage_is_checked_against_an_fp32_prefill_not_against_itsel
     assert invoke("prefill", "--out", native, "-q").exit_code == 0
     assert invoke("decode", "--cache", native, "-n", 16, "-q", "--json", tmp_path / "n.json").exit_code == 0
     assert json.loads((tmp_path / "n.json").read_text())["parity"]["max_abs_logit_diff"] == 0.0
+
+
+def test_a_cache_prefilled_below_fp32_says_its_rounding_is_not_judged(tmp_path):
+    """The reference decodes from the same file, so a bf16 prefill's rounding is shared by both sides: the report says
+    so (an FP32 prefill, or a run without parity, has nothing to say)."""
+    path = tmp_path / "b.safetensors"
+    assert invoke("prefill", "--precision", "bf16", "--out", path, "-q").exit_code == 0
+    for extra, expected in (([], 1), (["--no-parity"], 0)):
+        result = invoke("decode", "--cache", path, "-n", 4, "-q", "--json", tmp_path / "r.json", *extra)
+        assert result.exit_code == 0, result.output
+        warnings = json.loads((tmp_path / "r.json").read_text())["cache"]["warnings"]
+        assert len([w for w in warnings if "prefilled at bf16" in w]) == expected, warnings
+        assert ("prefilled at bf16" in result.output) == bool(expected)
