@@ -235,6 +235,19 @@ def test_sinks_take_their_columns_from_the_result_dataclass():
     assert "--threads" not in noisy
 
 
+def test_notes_name_their_row_by_every_identifying_column_that_varies():
+    """A sweep over backends, precisions or attention gives rows with the same test and batch: a noisy or failed
+    row's note must say which one it is (it named only the test and batch, e.g. "portable pp16 b1" twice)."""
+    rows = [Result(test="pp16", backend=b, precision=p, attn=a, model="m", tps_mean=10.0, tps_stdev=3.0, threads=1)
+            for b, p, a in (("cpu", "fp32", "sdpa"), ("onnxruntime", "fp32", "sdpa"), ("cpu", "bf16", "sdpa"))]
+    rows.append(Result(test="pp16", backend="cpu", precision="fp32", attn="eager", model="m", status="error",
+                       error="no", threads=1))
+    (noisy,) = [n for n in sinks.notes(rows) if "noisy" in n]
+    assert "portable cpu fp32 sdpa pp16 b1 (30%)" in noisy and "portable onnxruntime fp32 sdpa pp16 b1" in noisy
+    assert "portable cpu bf16 sdpa pp16 b1" in noisy and " m " not in noisy and "t1" not in noisy
+    assert "portable pp16 batch 1 cpu fp32 eager: error (no)" in sinks.notes(rows)
+
+
 def test_parity_is_meaningless_on_random_weight_presets():
     assert "meaningless" in run.parity_note(ModelSource("preset:llama-3.2-1b", "preset"))
     assert "meaningless" not in run.parity_note(ModelSource("default", "embedded"))

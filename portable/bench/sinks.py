@@ -156,8 +156,21 @@ def ratio_table(results: list[Result]) -> str | None:
     return "\n".join(lines) + "\n"
 
 
+_NAMED = {"model": "", "backend": "", "precision": "", "attn": "", "kernels": "", "threads": "t", "sync_every": "sync"}
+
+
+def _naming(results: list[Result]) -> list[str]:
+    """The identifying fields whose values differ between rows: a note names its row by them, as the table does."""
+    return [n for n in _NAMED if len({getattr(r, n) for r in results}) > 1]
+
+
+def _name(r: Result, naming: list[str], skip: tuple[str, ...] = ()) -> str:
+    return "".join(f" {_NAMED[n]}{getattr(r, n)}" for n in naming if n not in skip and getattr(r, n) is not None)
+
+
 def notes(results: list[Result]) -> list[str]:
     out = []
+    naming = _naming(results)
     kinds = {r.test[:2] for r in results}
     out += [f"timed: {TIMED[k]}" for k in ("pp", "tg", "pg") if k in kinds]
     out.append("mean ± stdev over repetitions after warm-up; median t/s = tokens / median time; P50/P95 over every "
@@ -165,11 +178,10 @@ def notes(results: list[Result]) -> list[str]:
     if any((r.sync_every or 1) > 1 and r.step_p50_ms is not None for r in results):
         out.append("with sync N > 1 the N steps between two read-backs share their time equally (P50/P95 of those)")
     out += [f"parity: {p}" for p in dict.fromkeys(r.parity for r in results if r.parity)]
-    models = len({r.model for r in results}) > 1
     noisy = [r for r in results
              if r.ok and r.tps_mean and r.tps_stdev is not None and r.tps_stdev > NOISY * r.tps_mean]
     if noisy:
-        rows = ", ".join(f"{r.engine} {r.model + ' ' if models else ''}{r.config or r.test} b{r.batch} "
+        rows = ", ".join(f"{r.engine}{_name(r, naming)} {r.config or r.test} b{r.batch} "
                          f"({100 * r.tps_stdev / r.tps_mean:.0f}%)" for r in noisy)
         advice = "; on a busy CPU, try --threads 1" if any(r.threads != 1 for r in noisy) else ""
         out.append(f"noisy (stdev over {100 * NOISY:.0f}% of the mean): {rows}; the device may be shared or "
@@ -180,6 +192,7 @@ def notes(results: list[Result]) -> list[str]:
                    f"(with the same --backend) for % of peak")
     for r in results:
         if not r.ok:
-            out.append(f"{r.engine} {r.config or r.test} batch {r.batch} {r.backend} {r.precision}: {r.status}"
+            out.append(f"{r.engine} {r.config or r.test} batch {r.batch} {r.backend} {r.precision}"
+                       f"{_name(r, naming, ('backend', 'precision'))}: {r.status}"
                        + (f" ({r.error})" if r.error else ""))
     return out
