@@ -306,6 +306,7 @@ def decode(config: RunConfig, on_tokens: Callable[[int, list[int | None]], None]
         prompt_tokens=cache_cpu.prompt_lengths, new_tokens=result.new_tokens, tokens=result.tokens,
         text=[stopper.final_text(t) for t in result.tokens], finish_reasons=result.finish_reasons,
         timing=Timing(prefill=PhaseMetrics(**prefill_timing) if prefill_timing else None, decode=decode_phase,
+                      decode_step_ms=[s * 1e3 for s in result.step_times_s],
                       model_load_s=info.model_load_s, cache_load_s=cache_load_s, compile_s=info.compile_s,
                       save_s=info.save_s, load_s=info.load_s, artifact_reused=info.artifact_reused,
                       parity_s=parity_s),

@@ -16,6 +16,7 @@ from caches.fileformat import create_temp
 class Timing:
     prefill: PhaseMetrics | None = None  # the prefill that made the cache file (read from it)
     decode: PhaseMetrics | None = None
+    decode_step_ms: list[float] | None = None  # every timed decode step: the samples the decode figures come from
     model_load_s: float | None = None
     cache_load_s: float | None = None  # reading, checking, casting and moving the cache file
     cache_save_s: float | None = None

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -74,6 +75,21 @@ def test_decode_prints_verdict_metrics_and_writes_the_report(made, tmp_path):
     assert report["kv_cache_bytes"] > 0 and report["peak_memory_bytes"] > 0
     env = report["environment"]
     assert env["python"] and env["torch"] and env["transformers"] and env["cpu"]
+
+
+def test_decode_report_keeps_every_step_so_its_figures_can_be_checked_by_hand(made, tmp_path):
+    """The decode line's BPS, TPS and P50/P95 come from the timed steps: the JSON keeps them (it had only the
+    summaries, while bench's JSON keeps every sample)."""
+    _, cache, _ = made
+    result = invoke("decode", "--cache", cache, "-n", 8, "--ignore-eos", "--no-parity", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    timing = json.loads((tmp_path / "r.json").read_text())["timing"]
+    steps, decode = timing["decode_step_ms"], timing["decode"]
+    assert len(steps) == decode["calls"] == 7
+    assert decode["bps"] == pytest.approx(len(steps) / (sum(steps) / 1e3))
+    assert decode["tps"] == pytest.approx(decode["tokens"] / (sum(steps) / 1e3))
+    assert decode["step_p50_ms"] == pytest.approx(float(np.percentile(steps, 50)))
+    assert decode["step_p95_ms"] == pytest.approx(float(np.percentile(steps, 95)))
 
 
 def test_prompt_from_stdin_and_batch(made, tmp_path):
