@@ -219,6 +219,22 @@ def test_quick_suite_with_hf_peer_prints_ratios_and_writes_the_file(tmp_path):
     assert peer["status"] == "ok" and len(peer["samples_s"]) == 2 and peer["environment"]
 
 
+def test_ad_hoc_tests_take_the_sampling_options_as_seed_003s_runs_do(monkeypatch):
+    """Seed 003's ad-hoc run (--prompt-tokens 256 --max-new-tokens 256 --temperature 0.8 --seed 42) is pg256,256
+    with sampling: bench had no sampling options, only the fixed `sampled` and `full-pipe` suite configurations."""
+    used = []
+    real = run.Sampler
+    monkeypatch.setattr(run, "Sampler", lambda config, batch: used.append(config) or real(config, batch))
+    result = invoke("-m", "default", "-t", "pg8,4,tg4", "--temperature", "0.8", "--top-k", "50", "--top-p", "0.9",
+                    "--seed", "42", "-r", "1", "-o", "json", *FAST)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["sampling"] for r in rows] == ["temp=0.8 top_k=50 top_p=0.9 seed=42"] * 2
+    assert used and all(c.temperature == 0.8 and c.top_k == 50 and c.top_p == 0.9 and c.seed == 42 for c in used)
+    result = invoke("--suite", "quick", "--temperature", "0.8")
+    assert result.exit_code == 2 and "their own sampling" in result.output
+
+
 def test_tests_and_suite_together_are_refused():
     result = invoke("--suite", "quick", "-t", "pp8")
     assert result.exit_code == 2 and "not both" in result.output

@@ -14,7 +14,7 @@ import typer
 
 from portable.bench.plan import GPU_SYNC_EVERY
 from portable.bench.spec import SweepSpec
-from portable.cli_options import BACKEND_NAMES, Debug, check_output, command, fail
+from portable.cli_options import BACKEND_NAMES, Debug, check_output, command, fail, sampling
 from portable.config import ALL_PRECISIONS, ATTENTION, KERNELS, user_cache_dir
 
 DEFAULTS = SweepSpec()
@@ -55,7 +55,15 @@ def bench(
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="GPU backends: capture the decode step.")
                        ] = True,
     device: Annotated[Optional[str], typer.Option("--device", help="Device, e.g. cuda:1.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the random prompt token ids.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help=(
+        "Seed of the random prompt token ids (and of the sampler, with --temperature)."))] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, help=(
+        "Sample the --tests' tokens (0 = greedy, the default), as seed 003's ad-hoc runs; with --top-k, --top-p "
+        "and --repetition-penalty."))] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", min=0, help="Keep the k most likely tokens.")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling.")] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option(
+        "--repetition-penalty", min=0.0, help="1 = off.")] = None,
     compare: Annotated[ListOpt, typer.Option("--compare", help=(
         "Also time a peer on every point: hf (generate with a dynamic cache; on GPUs also static cache + compile), "
         "or one of those alone: hf-dynamic, hf-static-compile."
@@ -79,6 +87,8 @@ def bench(
     """
     if ctx.invoked_subcommand is not None:
         return
+    from dataclasses import replace
+
     from portable.bench import sinks
     from portable.bench.spec import parse_ints, parse_names, parse_tests
     from portable.bench.suites import suite as suite_tests
@@ -86,6 +96,10 @@ def bench(
 
     if tests and suite:
         raise PortableError("give --tests or --suite, not both")
+    sampled = [v for v in (temperature, top_k, top_p, repetition_penalty) if v is not None]
+    if sampled and suite:
+        raise PortableError("a suite's configurations carry their own sampling (sampled, full-pipe); give the "
+                            "sampling options with --tests")
     base = DEFAULTS
     spec = SweepSpec(
         models=parse_names(model, "model") if model else base.models,
@@ -101,6 +115,10 @@ def bench(
         warmup=base.warmup if warmup is None else warmup,
         compile=compile, device=device, seed=base.seed if seed is None else seed,
         compare=parse_names(compare, "compare") if compare else (), profile_dir=profile)
+    if sampled:
+        chosen = sampling(temperature or 0.0, top_k or 0, 1.0 if top_p is None else top_p,
+                          1.0 if repetition_penalty is None else repetition_penalty, spec.seed)
+        spec = spec.replace(tests=tuple(replace(t, sampling=chosen) for t in spec.tests))
     out_format, out_file = _output(output, fmt)
     check_output("--output", out_file, what="results")
     check_output("--profile", profile, what="profiler traces", folder=True)

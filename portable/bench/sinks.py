@@ -25,7 +25,8 @@ NOISY = 0.1  # a relative stdev of t/s above this is flagged in the md notes
 
 TIMED = {
     "pp": "ppN: one prefill forward of N tokens per sequence, between device synchronisations",
-    "tg": "tgN: N decode steps (forward + greedy pick on the device, tokens read back every `sync` steps) from a "
+    "tg": "tgN: N decode steps (forward + pick: greedy on the device, sampled on the host; tokens read back every "
+          "`sync` steps) from a "
           "1-token prompt, or from a D-token cache file reloaded for each repetition (@dD, reload untimed)",
     "pg": "pgP,G and suite configs: prefill + generation end to end; t/s counts prompt + generated tokens "
           "(llama-bench), E2E t/s generated tokens only (seed 003)",
