@@ -16,9 +16,9 @@ import typer
 
 from portable.cli_options import (ArtifactDir, Attn, Backend, CachePath, Debug, Device, Force, IgnoreEos, JsonOut,
                                   Kernels, MaxNew, Model, OrtProvider, Precision, Quiet, Rebuild, RepPenalty, Seed,
-                                  Stop, Temperature, TopK, TopP, artifact_times, artifacts_for, check_choice,
-                                  check_output, command, device_for, ort_only, read_prompts, sampling, split_list,
-                                  stop_strings)
+                                  Stop, Temperature, Threads, TopK, TopP, artifact_times, artifacts_for,
+                                  check_choice, check_output, command, device_for, ort_only, read_prompts, sampling,
+                                  split_list, stop_strings, use_threads)
 from portable.config import ALL_PRECISIONS, ATTENTION, CACHE_STORAGE, DEFAULT_CACHE, KERNELS, PRECISIONS, RunConfig
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -45,6 +45,7 @@ def prefill(
     ort_provider: OrtProvider = None,
     rebuild: Rebuild = False,
     artifact_dir: ArtifactDir = None,
+    threads: Threads = None,
     json_path: JsonOut = None,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -59,6 +60,7 @@ def prefill(
 
     check_output("--json", json_path, ("--out", out))
     artifacts_for(backend, rebuild, artifact_dir)
+    use_threads(threads)
     config = RunConfig(model=model, prompts=read_prompts(prompt), batch=batch, cache_path=out, backend=backend,
                        precision=precision, device=device_for(backend, device),
                        attn=check_choice(attn, ATTENTION, "attention"),
@@ -112,6 +114,7 @@ def decode(
     ort_provider: OrtProvider = None,
     rebuild: Rebuild = False,
     artifact_dir: ArtifactDir = None,
+    threads: Threads = None,
     json_path: JsonOut = None,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -131,6 +134,7 @@ def decode(
                             "one of them out")
     check_output("--json", json_path, ("--cache", cache), ("--reference", reference))
     artifacts_for(backend, rebuild, artifact_dir)
+    use_threads(threads)
     config = RunConfig(
         model=model, cache_path=cache, backend=backend, precision=precision, device=device_for(backend, device),
         attn=check_choice(attn, ATTENTION, "attention"), kernels=check_choice(kernels, KERNELS, "kernels"),

@@ -39,6 +39,9 @@ TopK = Annotated[int, typer.Option("--top-k", min=0, help="Keep the k most likel
 TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling (1 = off).")]
 RepPenalty = Annotated[float, typer.Option("--repetition-penalty", min=0.0, help="1 = off.")]
 Seed = Annotated[int, typer.Option("--seed", min=0, help="Seed of the host-side sampler.")]
+Threads = Annotated[Optional[int], typer.Option(
+    "--threads", min=1, help="CPU threads of PyTorch and ONNX Runtime's CPU provider (default: PyTorch's choice, one "
+                             "per core; fewer on a shared machine).")]
 Force = Annotated[bool, typer.Option(
     "--force", help="Use a cache made with different weights or tokenizer than the loaded model.")]
 IgnoreEos = Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at the end-of-sequence token.")]
@@ -103,6 +106,14 @@ def artifacts_for(backend: str, rebuild: bool, artifact_dir: Path | None) -> Non
         option = "--rebuild" if rebuild else "--artifact-dir"
         raise PortableError(f"{option} applies to backends with compiled artifacts (cuda, rocm, onnxruntime), not "
                             f"--backend cpu; leave it out")
+
+
+def use_threads(threads: int | None) -> None:
+    """--threads: PyTorch's intra-op pool, which ONNX Runtime's CPU sessions take their size from too."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def device_for(backend: str, device: str | None) -> str | None:

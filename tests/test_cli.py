@@ -435,3 +435,15 @@ def test_decode_into_a_closed_pipe_stops_quietly(made):
                               cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=closed,
                               stderr=subprocess.PIPE, text=True, timeout=600)
     assert proc.returncode == 141 and proc.stderr == "", proc.stderr
+
+
+def test_threads_set_the_cpu_pool_of_prefill_and_decode(tmp_path):
+    """--threads (as bench's): the report records the pool the run used; ONNX Runtime's CPU sessions take its size."""
+    cache = tmp_path / "c.safetensors"
+    for threads in (1, 3):
+        run_cli("prefill.py", "--out", str(cache), "--threads", str(threads), "--json", str(tmp_path / "p.json"), "-q")
+        run_cli("decode.py", "--cache", str(cache), "-n", "3", "--threads", str(threads), "--json",
+                str(tmp_path / "d.json"), "-q")
+        for name in ("p.json", "d.json"):
+            assert read_json(tmp_path / name)["environment"]["cpu_threads"] == threads
+    assert run_cli("decode.py", "--cache", str(cache), "--threads", "0", check=False).returncode == 2
