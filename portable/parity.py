@@ -281,7 +281,7 @@ def compare(reference: Reference, candidate: DecodeResult, teacher: DecodeResult
         margins = _decision_margins(reference.logits[b, :n], tokens, histories[b], sampler,
                                     None if draws_all is None else [d[b] for d in draws_all[:n]],
                                     teacher.picks[b][:n])
-        result.per_step.append({"kl": [round(v, 6) for v in kl.tolist()], "margin": [round(m, 6) for m in margins]})
+        result.per_step.append({"kl": [_rounded(v) for v in kl.tolist()], "margin": [_rounded(m) for m in margins]})
         for j in range(n):
             total += 1
             cand_tok = teacher.picks[b][j]
@@ -290,7 +290,7 @@ def compare(reference: Reference, candidate: DecodeResult, teacher: DecodeResult
             else:
                 at.append(margins[j])
                 result.mismatches.append(Mismatch(
-                    sequence=b, step=j, reference_margin=round(margins[j], 6), reference_token=tokens[j],
+                    sequence=b, step=j, reference_margin=_rounded(margins[j]), reference_token=tokens[j],
                     candidate_token=cand_tok,
                     reference_text=decode_text([tokens[j]]) if decode_text else "",
                     candidate_text=decode_text([cand_tok]) if decode_text else ""))
@@ -362,5 +362,11 @@ def skipped(reason: str) -> ParityResult:
 
 def summary(result: ParityResult) -> dict:
     data = asdict(result)
-    data["kl_mean"] = None if result.kl_mean is None else float(f"{result.kl_mean:.6g}")
+    data["kl_mean"] = None if result.kl_mean is None else _rounded(result.kl_mean)
     return data
+
+
+def _rounded(value: float) -> float:
+    """A figure for the report, to 6 significant digits: decimal places would turn the KL of fp16 (~1e-6) and of
+    another fp32 kernel (~1e-12) into 0 or one digit, and their plots into steps."""
+    return float(f"{value:.6g}")

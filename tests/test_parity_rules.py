@@ -127,7 +127,8 @@ def test_a_pick_the_reference_was_sure_against_is_diverged_though_its_top_two_ar
     near = teacher.clone()
     near[0, 0, 3], near[0, 0, 2] = -5.0, 10.01  # a flip to the second token stays within precision
     p = compare_by_hand(hand_made([[1, 4]], logits), [[2, 4]], [[2, 4]], near, calibration)
-    assert p.verdict == "within-precision" and p.mismatches[0].reference_margin == pytest.approx(0.01), p.line()
+    assert p.verdict == "within-precision", p.line()
+    assert p.mismatches[0].reference_margin == pytest.approx(0.01, abs=1e-6)  # float32's 10 - 9.99
 
 
 def test_a_sampled_pick_far_from_the_draw_is_diverged_though_the_draw_lay_near_an_edge():
@@ -155,8 +156,23 @@ def test_a_margin_is_compared_with_the_tolerance_before_it_is_rounded_for_the_re
     teacher = logits.clone()
     teacher[0, 0, 2] = 1e-3
     p = compare_by_hand(hand_made([[1]], logits), [[2]], [[2]], teacher, calibration, precision="fp16")
-    assert p.tolerance == pytest.approx(3e-7) and p.mismatches[0].reference_margin == 0.0
+    assert p.tolerance == pytest.approx(3e-7) and p.mismatches[0].reference_margin == pytest.approx(4e-7)
     assert p.verdict == "diverged" and "reference was confident" in p.reason, p.line()
+
+
+def test_the_per_step_figures_keep_small_kls_and_margins():
+    """fp16 drifts by a KL of ~1e-6 and another fp32 kernel by ~1e-12: the per-step figures (the JSON, the plots)
+    keep them to 6 significant digits, not to 6 decimal places (which made them 0 or 1e-6 steps)."""
+    logits = torch.zeros(1, 3, 8)
+    logits[0, :, 1] = torch.tensor([5.0, 3e-7, 5.0])
+    teacher = logits.clone()
+    teacher[0, 0, 2], teacher[0, 1, 2], teacher[0, 2, 2] = 1e-2, 1e-5, 1e-3
+    p = compare_by_hand(hand_made([[1, 1, 1]], logits), [[1, 1, 1]], [[1, 1, 1]], teacher, logits)
+    ref, cand = torch.log_softmax(logits[0].double(), -1), torch.log_softmax(teacher[0].double(), -1)
+    kl = (ref.exp() * (ref - cand)).sum(-1).tolist()
+    assert p.verdict == "exact" and all(0 < v < 1e-5 for v in kl), (p.line(), kl)
+    assert p.per_step[0]["kl"] == pytest.approx(kl, rel=1e-5)
+    assert p.per_step[0]["margin"][1] == pytest.approx(3e-7, rel=1e-5)
 
 
 def test_identical_free_running_tokens_with_a_confident_teacher_forced_mismatch_are_not_exact():
