@@ -310,6 +310,8 @@ def parity_matrix(
         report = matrix.run(config, names, precisions, caches, plot_dir=out if plots else None, debug=debug)
     if prompts:
         report.caches = dict(zip(caches, prompts))
+    for warning in report.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     typer.echo(matrix.markdown(report.rows), nl=False)
     for line in matrix.notes(report):
         typer.echo(line)

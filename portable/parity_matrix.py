@@ -61,6 +61,7 @@ class MatrixReport:
     caches: dict[str, str]  # label -> cache file (or prompt, when the matrix prefilled it)
     rows: list[Row]
     environment: dict
+    warnings: list[str] = field(default_factory=list)  # decode's warnings about a cache file, once per file
 
     def counts(self) -> dict[str, int]:
         return {v: n for v in VERDICTS if (n := sum(r.verdict == v for r in self.rows))}
@@ -72,7 +73,7 @@ def run(config: RunConfig, backend_names: list[str], precisions: list[str], cach
     for path in caches.values():
         read_metadata(path)  # fails fast on a missing or foreign file
     baselines = {label: _baseline(config.replace(cache_path=path)) for label, path in caches.items()}
-    rows = []
+    rows, warnings = [], []
     for backend in backend_names:
         for precision in precisions:
             candidate = config.replace(backend=backend, precision=precision, parity=True, quiet=True)
@@ -93,6 +94,8 @@ def run(config: RunConfig, backend_names: list[str], precisions: list[str], cach
                     row.reason = _why(report)
                     continue
                 _fill(row, report.parity)
+                warnings += [f"{label}: {w}" for w in report.cache.get("warnings", [])
+                             if f"{label}: {w}" not in warnings]  # forced identity, prefill not judged
                 if plot_dir is not None and report.parity.per_step:
                     from portable.parity_plot import plot
 
@@ -101,7 +104,7 @@ def run(config: RunConfig, backend_names: list[str], precisions: list[str], cach
                                         Path(plot_dir) / name, sampled=not config.sampling.greedy))
     return MatrixReport(model=config.model, sampling={**asdict(config.sampling), "mode": config.sampling.describe()},
                         max_new_tokens=config.max_new_tokens, caches={k: str(v) for k, v in caches.items()},
-                        rows=rows, environment=environment())
+                        rows=rows, environment=environment(), warnings=warnings)
 
 
 def _attempt(fn, debug: bool):

@@ -407,8 +407,13 @@ def test_parity_refuses_a_cache_from_other_weights_unless_forced(made, tiny_mode
     result = invoke("parity", "--cache", cache, "--model", other, "-n", 2, "--no-plots", "--force", "--json",
                     tmp_path / "p.json")
     assert result.exit_code == 0, result.output
-    rows = read_json(tmp_path / "p.json")["rows"]  # forced: the other model decodes as its own reference
+    report = read_json(tmp_path / "p.json")
+    rows = report["rows"]  # forced: the other model decodes as its own reference
     assert {r["precision"]: r["verdict"] for r in rows}["fp32"] == "exact"
+    # and says so, as decode does, once per cache file (the matrix dropped decode's warnings)
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "c.safetensors: the cache was made with different model weights" in warnings[0]
+    assert report["warnings"] == [warnings[0].removeprefix("warning: ")]
 
 
 @pytest.mark.parametrize("option", ["--backend", "--precision", "--cache"])
