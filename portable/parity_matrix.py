@@ -175,8 +175,8 @@ def notes(report: MatrixReport) -> list[str]:
     if plots:
         out.append(f"Plots: {len(plots)} PNG files in {Path(plots[0]).parent}")
     if any(r.tolerance is not None for r in report.rows):
-        out.append(f"tolerance: {parity.TOLERANCE_FACTOR:g} x p{parity.TOLERANCE_PERCENTILE:g} of the pristine "
-                   f"model's decision-margin error at that precision on CPU (see portable/parity.py)")
+        out.append(f"tolerance: max({parity.TOLERANCE_FACTOR:g} x p{parity.TOLERANCE_PERCENTILE:g}, max) of the "
+                   f"pristine model's decision-margin error at that precision on CPU (see portable/parity.py)")
     return out
 
 

@@ -202,6 +202,18 @@ def test_matrix_exits_1_when_a_row_diverges(caches, broken, tmp_path):
     assert "1 exact, 1 diverged" in result.stdout
 
 
+def test_matrix_notes_state_the_tolerance_rule_that_was_applied():
+    """The note under the table said "3 x p95" alone, but tau is the larger of that and the largest error."""
+    from portable import parity, parity_matrix
+
+    rows = [parity_matrix.Row(backend="cpu", precision="bf16", cache="c", verdict="within-precision", tolerance=0.2)]
+    report = parity_matrix.MatrixReport(model=None, sampling={"mode": "greedy"}, max_new_tokens=4, caches={"c": "c"},
+                                        rows=rows, environment={})
+    note = next(line for line in parity_matrix.notes(report) if line.startswith("tolerance: "))
+    assert note.startswith("tolerance: max(3 x p95, max) of the pristine model's decision-margin error"), note
+    assert parity.tolerance_from([0.01] * 99 + [1.0]) == 1.0  # the rule the note states: the max can decide
+
+
 def test_matrix_exits_1_when_a_row_hits_an_unexpected_error(caches, broken):
     result = invoke("parity", "--cache", caches[0], "-b", "crashing,cpu", "-p", "fp32", "-n", 4, "--no-plots")
     assert result.exit_code == 1, result.output
