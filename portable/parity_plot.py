@@ -45,7 +45,8 @@ def plot(result: ParityResult, title: str, path: Path, sampled: bool = False) ->
     if result.tolerance is not None:
         ax_margin.axhline(result.tolerance, color="gray", linestyle=":", label=f"tolerance {result.tolerance:.3g}")
     ax_kl.set_yscale("log")
-    ax_kl.set_ylabel("KL(ref || cand)")
+    zeros = any(v <= 0 for seq in result.per_step for v in seq["kl"])  # drawn at the floor: say so on the axis
+    ax_kl.set_ylabel("KL(ref || cand)" + (f"\n(KL 0 drawn at {floor:.0e})" if zeros else ""))
     ax_margin.set_ylabel("reference margin\n" + ("(draw to CDF edge)" if sampled else "(top-1 - top-2 logit)"))
     ax_margin.set_xlabel("decode step")
     for ax in (ax_kl, ax_margin):

@@ -176,6 +176,25 @@ def test_matrix_rows_plots_and_an_impossible_combination(caches, artifacts, tmp_
     assert "2 not run" in result.stdout and "Plots: 10 PNG files" in result.stdout
 
 
+@pytest.mark.parametrize("kl", [[0.0, 0.0], [0.0, 3e-6], [2e-12, 3e-6]], ids=["all-zero", "some-zero", "none-zero"])
+def test_a_plot_says_where_it_draws_a_kl_of_zero(kl, tmp_path, monkeypatch):
+    """A KL of exactly 0 cannot sit on the log axis and is drawn at a floor (1e-12, or a tenth of the smallest KL):
+    the axis says so, or an exact fp32 row reads as KL 1e-12, like another kernel's real rounding."""
+    from matplotlib.figure import Figure
+
+    from portable.parity import ParityResult
+    from portable.parity_plot import plot
+
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kwargs: drawn.append(fig))
+    result = ParityResult(verdict="exact", matched_tokens=2, compared_tokens=2, top1_agreement=100.0,
+                          per_step=[{"kl": kl, "margin": [1.0, 2.0]}])
+    plot(result, "test", tmp_path / "p.png")
+    label = drawn[0].axes[0].get_ylabel()
+    floor = "1e-12" if kl == [0.0, 0.0] else "3e-07"
+    assert (f"KL 0 drawn at {floor}" in label) == (0.0 in kl), label
+
+
 def test_matrix_over_prompts_bf16_is_exact_or_within_precision_on_every_test_prompt(tmp_path):
     args = [x for p in TEST_PROMPTS for x in ("--prompt", p)]
     result = invoke("parity", *args, "-p", "bf16", "-n", NEW, "--ignore-eos", "--no-plots", "--json",
