@@ -60,10 +60,11 @@ def _lines(path: Path, meta: dict, cache) -> list[str]:
     windows = sorted({layer["window"] for layer in layers if "window" in layer})
     timing = prefill.get("timing") or {}
     tensors = meta.get("_tensors") or {}
-    if cache is not None:
-        kv = f"KV {megabytes(cache.kv_nbytes)} in memory"
+    stored = sum(e["data_offsets"][1] - e["data_offsets"][0] for n, e in tensors.items() if n.startswith("layers."))
+    if cache is not None:  # int8 storage keeps less in the file than a load holds in memory: both figures
+        kv = f"KV {megabytes(cache.kv_nbytes)} in memory" + (
+            f", {megabytes(stored)} in the file" if stored != cache.kv_nbytes else "")
     else:
-        stored = sum(e["data_offsets"][1] - e["data_offsets"][0] for n, e in tensors.items() if n.startswith("layers."))
         kv = f"KV {megabytes(stored)} in the file"
     lines = [
         f"{path}: portable cache, format version {meta.get('version')} (written by portable "

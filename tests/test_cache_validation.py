@@ -26,6 +26,7 @@ from portable.architectures import ARCHITECTURES
 from portable.cli import app
 from portable.config import RunConfig
 from portable.errors import CacheFileError
+from portable.report import megabytes
 from tests.conftest import run_cli
 from tests.models import PROMPTS, TINY_CONFIGS
 from tests.test_cache_format import assert_same, make_cache, rewrite
@@ -281,6 +282,19 @@ def test_inspect_prints_each_kinds_layout(tmp_path):
     assert "sliding_attention: keys, values [batch, kv_heads, kept, head_dim] = [2, 2, 7, 16]" in text
     assert ("recurrent: conv_state [batch, channels, conv_kernel] = [2, 32, 4]; "
             "recurrent_state [batch, channels, state_size] = [2, 32, 8]") in text
+
+
+def test_inspect_gives_the_kv_size_in_the_file_of_int8_storage(prefilled):
+    """int8 storage keeps the keys and values in about a quarter of the bytes a load holds in memory: the summary
+    gave the memory figure alone, the same as the native file's."""
+    lines = {storage: next(line for line in inspect_file(path)[0].splitlines() if "KV " in line)
+             for storage, path in prefilled.items()}
+    in_memory = load_cache(prefilled["int8"]).kv_nbytes
+    tensors = read_metadata(prefilled["int8"])["_tensors"]
+    stored = sum(e["data_offsets"][1] - e["data_offsets"][0] for n, e in tensors.items() if n.startswith("layers."))
+    assert stored < in_memory / 3, (stored, in_memory)
+    assert f"KV {megabytes(in_memory)} in memory, {megabytes(stored)} in the file" in lines["int8"], lines
+    assert "in memory, file" in lines["native"], lines  # native: what the file holds is what a load holds
 
 
 def corrupt_payload(path):
