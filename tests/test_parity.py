@@ -195,6 +195,38 @@ def test_a_plot_says_where_it_draws_a_kl_of_zero(kl, tmp_path, monkeypatch):
     assert (f"KL 0 drawn at {floor}" in label) == (0.0 in kl), label
 
 
+@pytest.mark.parametrize("batch", [3, 16])
+def test_a_batchs_plot_keeps_its_legend_off_the_lines_and_tells_the_sequences_apart(batch, tmp_path, monkeypatch):
+    """At batch 16 the legend (a line and a divergence entry per sequence) covered the margin panel and its axis,
+    and named sequences 0 and 10 in the same colour (matplotlib's cycle has 10)."""
+    from matplotlib.figure import Figure
+
+    from portable.parity import Mismatch, ParityResult
+    from portable.parity_plot import plot
+
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kwargs: drawn.append(fig))
+    firsts = [b % 4 if b % 2 else None for b in range(batch)]
+    result = ParityResult(verdict="within-precision", matched_tokens=1, compared_tokens=2, top1_agreement=90.0,
+                          first_divergence=firsts, tolerance=0.5,
+                          mismatches=[Mismatch(sequence=b, step=f, reference_margin=0.1, reference_token=1,
+                                               candidate_token=2) for b, f in enumerate(firsts) if f is not None],
+                          per_step=[{"kl": [1e-4] * 6, "margin": [1.0 + b] * 6} for b in range(batch)])
+    plot(result, "test", tmp_path / "p.png")
+    fig = drawn[0]
+    fig.canvas.draw()
+    ax_kl, ax_margin = fig.axes
+    legend = ax_margin.get_legend()
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert legend.get_window_extent().x0 >= ax_margin.get_window_extent().x1, "the legend covers the plot"
+    colours = [line.get_color() for line in ax_margin.get_lines() if line.get_label().startswith("sequence ")]
+    assert len(set(colours)) == len(colours) and len(labels) <= 10 + 5, labels
+    if batch > 10:  # no colour per sequence: the divergence lines carry the sequences' numbers
+        assert [t.get_text() for t in ax_kl.texts] == ["1, 5, 9, 13", "3, 7, 11, 15"]
+    else:
+        assert "sequence 2" in labels and "first divergence (sequence 1)" in labels
+
+
 def test_matrix_over_prompts_bf16_is_exact_or_within_precision_on_every_test_prompt(tmp_path):
     args = [x for p in TEST_PROMPTS for x in ("--prompt", p)]
     result = invoke("parity", *args, "-p", "bf16", "-n", NEW, "--ignore-eos", "--no-plots", "--json",
