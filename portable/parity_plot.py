@@ -2,7 +2,8 @@
 
 Top panel: KL(reference || candidate) per teacher-forced step (log scale). Bottom panel: the reference's decision
 margin per step (greedy: top-1 minus top-2 logit; sampled: distance of the seeded draw from the edge of the picked
-token's CDF slice), with every teacher-forced top-1 mismatch marked, the tolerance (when one was derived) as a
+token's CDF slice), with every teacher-forced top-1 mismatch marked at its margin against the candidate's token
+(top-1 minus that token's logit; sampled: the draw's distance from that token's slice), the tolerance (when one was derived) as a
 horizontal line, and each sequence's first free-running divergence as a vertical line. A mismatch above the
 tolerance line is what makes a verdict `diverged`. A batch's legend stands beside the panels; past ten sequences
 (the colour cycle's length) the lines go unnamed and each divergence line carries the numbers of its sequences.
@@ -60,7 +61,8 @@ def plot(result: ParityResult, title: str, path: Path, sampled: bool = False) ->
     ax_kl.set_yscale("log")
     zeros = any(v <= 0 for seq in result.per_step for v in seq["kl"])  # drawn at the floor: say so on the axis
     ax_kl.set_ylabel("KL(ref || cand)" + (f"\n(KL 0 drawn at {floor:.0e})" if zeros else ""))
-    ax_margin.set_ylabel("reference margin\n" + ("(draw to CDF edge)" if sampled else "(top-1 - top-2 logit)"))
+    ax_margin.set_ylabel("reference margin\n" + ("(draw to CDF edge;\nx: to the candidate's slice)" if sampled else
+                                                 "(top-1 - top-2 logit;\nx: top-1 - candidate's)"))
     ax_margin.set_xlabel("decode step")
     for ax in (ax_kl, ax_margin):
         ax.grid(alpha=0.3)
