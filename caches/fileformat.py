@@ -180,21 +180,47 @@ def read_header(path: Path, strict: bool = True) -> tuple[dict, int, int]:
     `strict=False` (for `cache inspect` of a damaged file) only parses it: no header checksum, no byte-range checks.
     """
     path = Path(path)
+    with _open(path) as f:
+        return _read_header(f, path, strict)
+
+
+def _open(path: Path):
+    """`path` opened for reading, or one line saying why it cannot be."""
     if not path.exists():
         raise CacheFileError(f"cache file {path} does not exist")
     if path.is_dir():
         raise CacheFileError(f"cache file {path} is a directory")
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CacheFileError(f"{path} is not a cache file: {size} bytes is too short for a safetensors header")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or n > size - 8:
-                what = "truncated" if n <= MAX_HEADER_BYTES else "not a safetensors file"
-                raise CacheFileError(f"{path} is {what}: its header claims {n} bytes but the file has {size}")
-            raw = f.read(n)
+        return open(path, "rb", buffering=0)
+    except OSError as e:
+        raise CacheFileError(f"cannot read cache file {path}: {e.strerror or e}") from e
+
+
+def _read_upto(f, n: int) -> bytes:
+    """`n` bytes of the unbuffered file `f` (one read may return fewer), or all it has left."""
+    parts = []
+    while n > 0:
+        part = f.read(n)
+        if not part:
+            break
+        parts.append(part)
+        n -= len(part)
+    return b"".join(parts)
+
+
+def _read_header(f, path: Path, strict: bool = True) -> tuple[dict, int, int]:
+    """read_header() of the open file `f`, left positioned at the payload. Its size comes from the open file too: a
+    file replaced meanwhile (a concurrent `prefill --out` of the same path) is not mixed with the one opened."""
+    try:
+        size = os.fstat(f.fileno()).st_size
+        head = _read_upto(f, 8)
+        if len(head) < 8:
+            raise CacheFileError(f"{path} is not a cache file: {size} bytes is too short for a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or n > size - 8:
+            what = "truncated" if n <= MAX_HEADER_BYTES else "not a safetensors file"
+            raise CacheFileError(f"{path} is {what}: its header claims {n} bytes but the file has {size}")
+        raw = _read_upto(f, n)
     except OSError as e:
         raise CacheFileError(f"cannot read cache file {path}: {e.strerror or e}") from e
     try:
@@ -260,12 +286,12 @@ def read(path: Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict
     Each chunk is checksummed on a helper thread as soon as it has been read, while the next one is read, so checking
     costs little beyond the read itself.
     """
-    header, start, size = read_header(path)
-    meta = header.get("__metadata__", {})
-    buf = torch.empty(size - start, dtype=torch.uint8)  # uninitialised: the read fills it
-    view = memoryview(buf.numpy())
-    with open(path, "rb", buffering=0) as f, _Checksum() as checksum:
-        f.seek(start)
+    path = Path(path)
+    with _open(path) as f, _Checksum() as checksum:  # header and payload from one open file, whatever replaces it
+        header, start, size = _read_header(f, path)
+        meta = header.get("__metadata__", {})
+        buf = torch.empty(size - start, dtype=torch.uint8)  # uninitialised: the read fills it
+        view = memoryview(buf.numpy())
         pos = 0
         while pos < len(buf):
             n = f.readinto(view[pos:pos + _CHUNK])

@@ -291,6 +291,23 @@ def test_failed_write_leaves_the_old_file_untouched(good, monkeypatch):
     assert [p.name for p in good.parent.iterdir()] == [good.name]  # no temporary file left behind
 
 
+def test_a_file_replaced_while_it_is_read_is_read_whole(good, monkeypatch):
+    """A concurrent `prefill --out` of the same path replaces the file (atomically) while decode reads it: the reader
+    gets the file it opened, whole, not the header of one and the payload of the other (a false "corrupt")."""
+    old, new = make_cache(), make_cache(seq=9, window=4)
+    save_cache(new, good.parent / "new.safetensors")
+    checked = store.fileformat.header_matches
+
+    def replace_then_check(raw, recorded):  # runs after the header is read and before the payload is
+        if (good.parent / "new.safetensors").exists():
+            (good.parent / "new.safetensors").replace(good)
+        return checked(raw, recorded)
+    monkeypatch.setattr(store.fileformat, "header_matches", replace_then_check)
+    tensors, _ = store.fileformat.read(good)
+    assert torch.equal(tensors["layers.0.keys"], old.layers[0].keys)
+    assert_same(load_cache(good), new)  # the next reader sees the new file
+
+
 def test_fuzz_every_mutation_loads_identically_or_fails_cleanly(good):
     """Mutate a real cache file many ways; every load must succeed with identical tensors or raise CacheFileError."""
     original = load_cache(good)
