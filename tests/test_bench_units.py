@@ -141,6 +141,35 @@ def test_peak_bandwidth_is_remembered_per_device(bench_cache_dir):
     assert (bench_cache_dir / roofline.PEAK_FILE).exists()
 
 
+def test_two_runs_remembering_peaks_at_once_both_keep_their_entry(bench_cache_dir, monkeypatch):
+    """CI jobs sharing one cache folder: run B measures while run A is between reading the file and replacing it.
+    Without a lock A's write drops B's entry; with it B waits for A and then adds its own."""
+    import threading
+
+    read = roofline._read
+    other = threading.Thread(target=roofline.remember_peak, args=("cuda:B", 2.0, "test"))
+
+    def read_then_let_the_other_run_in():
+        data = read()
+        if other.ident is None and threading.current_thread() is not other:  # A's read, the first one
+            other.start()
+            other.join(timeout=1.0)  # done at once without the lock; blocked on it with the lock
+        return data
+    monkeypatch.setattr(roofline, "_read", read_then_let_the_other_run_in)
+    roofline.remember_peak("cpu:A", 1.0, "test")
+    other.join()
+    assert roofline.remembered_peak("cpu:A") == 1.0 and roofline.remembered_peak("cuda:B") == 2.0
+
+
+@pytest.mark.parametrize("content", ["[]", '"x"', "{not json", '{"cpu:X": 3}', '{"cpu:X": {"gbps": "fast"}}'])
+def test_a_damaged_peak_file_is_as_if_nothing_was_measured(bench_cache_dir, content):
+    bench_cache_dir.mkdir(parents=True)
+    (bench_cache_dir / roofline.PEAK_FILE).write_text(content)
+    assert roofline.remembered_peak("cpu:X") is None
+    roofline.remember_peak("cuda:Y", 3000.0, "test")
+    assert roofline.remembered_peak("cuda:Y") == 3000.0
+
+
 def test_peak_bandwidths_and_artifacts_share_one_user_cache_folder(monkeypatch, tmp_path):
     """One default, read the same way: a `~` in $PORTABLE_CACHE_DIR (written where no shell expands it) once put the
     bandwidths in a folder named `~` under the working directory and the artifacts under the home folder."""

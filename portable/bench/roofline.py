@@ -15,16 +15,16 @@ $XDG_CACHE_HOME/portable, else ~/.cache/portable).
 from __future__ import annotations
 
 import json
-import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from caches import PromptCache, RecurrentLayer, SlidingWindowLayer
-from caches.fileformat import create_temp
 from portable.config import user_cache_dir
 
 PEAK_FILE = "bench_bandwidth.json"
@@ -89,28 +89,48 @@ def device_key(device_type: str, device_name: str) -> str:
 
 def _read() -> dict:
     try:
-        return json.loads((user_cache_dir() / PEAK_FILE).read_text())
+        data = json.loads((user_cache_dir() / PEAK_FILE).read_text())
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}  # damaged by hand or by another tool: as if none was measured
 
 
 def remembered_peak(key: str) -> float | None:
     entry = _read().get(key)
-    return float(entry["gbps"]) if isinstance(entry, dict) and "gbps" in entry else None
+    try:
+        return float(entry["gbps"])
+    except (TypeError, KeyError, ValueError):  # no entry, or one damaged by hand: measure again
+        return None
 
 
 def remember_peak(key: str, gbps: float, method: str) -> Path:
-    """Store a device's measured bandwidth (atomically: a concurrent reader never sees half a file)."""
+    """Store a device's measured bandwidth, keeping every other device's (atomically: a concurrent reader never sees
+    half a file; under a lock: two runs measuring at the same time, on a cache folder that CI jobs share, both keep
+    their entries rather than the later write dropping the earlier one's)."""
+    from portable.bench.sinks import write
+
     folder = user_cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    data = _read()
-    data[key] = {"gbps": gbps, "method": method,
-                 "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    fd, tmp = create_temp(folder / PEAK_FILE)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, folder / PEAK_FILE)
+    with _locked(folder / f"{PEAK_FILE}.lock"):
+        data = _read()
+        data[key] = {"gbps": gbps, "method": method,
+                     "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        write(json.dumps(data, indent=1), folder / PEAK_FILE)
     return folder / PEAK_FILE
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` across processes. flock's lock dies with its process, so a run killed inside
+    leaves no stale lock; where there is no fcntl (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def measure_peak(device) -> tuple[str, float]:
