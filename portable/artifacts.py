@@ -7,8 +7,9 @@ An artifact is a folder named by a digest of its *key* -- a flat dict of everyth
 builds a new artifact; keep them all and it loads the saved one.
 
 Folders are built under a temporary name next to their final place and renamed into it, so a crash or Ctrl-C never
-leaves a half-written artifact where a later run would find it. `rebuild=True` builds afresh and replaces the old
-folder the same way.
+leaves a half-written artifact where a later run would find it. Runs that build the same artifact at once (CI jobs
+sharing a cold folder) each build it; the first to finish saves it and the others keep that one, which a run may
+already be loading. `rebuild=True` builds afresh and replaces the old folder the same way.
 
 Where: `RunConfig.artifact_dir`, else `$PORTABLE_CACHE_DIR/artifacts`, else `~/.cache/portable/artifacts`.
 
@@ -116,7 +117,8 @@ class ArtifactStore:
         if folder is None:
             self._make_temp(".probe-").rmdir()  # before compiling: an unwritable root would throw the compile away
             built, compile_s = self._timed("compile", f"Building {label}", compile)
-            folder, save_s = self._timed("save", f"Saving {label}", lambda: self._save(kind, key, built, save))
+            folder, save_s = self._timed("save", f"Saving {label}",
+                                         lambda: self._save(kind, key, built, save, replace=rebuild))
             del built
         manifest = read_manifest(folder) or {}
         value, load_s = self._timed("load", f"Loading {label}", lambda: load(folder, manifest))
@@ -138,7 +140,9 @@ class ArtifactStore:
             raise PortableError(f"cannot write compiled artifacts under {self.root} ({e.strerror or e}); choose "
                                 f"another folder with --artifact-dir or $PORTABLE_CACHE_DIR") from e
 
-    def _save(self, kind: str, key: dict, built, save: Callable[[object, Path], dict]) -> Path:
+    def _save(self, kind: str, key: dict, built, save: Callable[[object, Path], dict], replace: bool = False) -> Path:
+        """Write the artifact under a temporary name and rename it into place. Unless `replace` (--rebuild), a
+        complete artifact that another run finished meanwhile is kept, not moved away under a run loading it."""
         final = self.folder(kind, key)
         tmp = self._make_temp(f".building-{final.name}-")
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache folder from other users
@@ -147,7 +151,10 @@ class ArtifactStore:
             manifest = {"format": FORMAT, "version": 1, "kind": kind, "key": key,
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **meta}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
-            _replace(tmp, final)
+            if not replace and self.find(kind, key) is not None:  # a parallel run built the same artifact first
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                _replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -427,6 +427,23 @@ def test_store_never_leaves_a_half_written_artifact(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [good.path.name]
 
 
+def test_a_run_that_builds_second_keeps_the_artifact_a_parallel_run_saved_first(tmp_path):
+    """CI jobs on one cold artifact folder build the same artifact at once. The first to finish saves it and loads
+    from it; a later finisher must not move that folder away under it (only --rebuild replaces an artifact)."""
+    store, key = ArtifactStore(tmp_path), {"model": "a"}
+    theirs = []
+
+    def compile():  # while we compile, another run saves the same artifact
+        theirs.append(_store_get(ArtifactStore(tmp_path), key, []))
+        return "ours"
+    ours = store.get("test", key, compile=compile, save=lambda built, folder: (folder / "data.txt").write_text(built)
+                     and {}, load=lambda folder, manifest: (folder / "data.txt").read_text())
+    assert ours.reused is False and ours.path == theirs[0].path
+    assert ours.value == "built" and (ours.path / "data.txt").read_text() == "built"  # theirs, kept in place
+    assert [p.name for p in tmp_path.iterdir()] == [ours.path.name]  # our copy removed, no temporary folders left
+    assert _store_get(store, key, [], rebuild=True).path == ours.path  # --rebuild still replaces it
+
+
 def test_store_ignores_a_folder_without_a_complete_manifest(tmp_path):
     store, calls = ArtifactStore(tmp_path), []
     key = {"model": "a"}
