@@ -13,8 +13,10 @@ Matplotlib's object API with the Agg canvas: no pyplot state, no display needed.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from caches.fileformat import create_temp
 from portable.parity import ParityResult
 
 NAMED_SEQUENCES = 10  # a legend entry and a colour of matplotlib's cycle each; a larger batch repeats the colours
@@ -72,5 +74,12 @@ def plot(result: ParityResult, title: str, path: Path, sampled: bool = False) ->
                  f"{result.top1_agreement:.1f}%)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fd, tmp = create_temp(path)  # drawn next to it and renamed: a killed run never leaves half a PNG
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=90)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path

@@ -9,6 +9,7 @@ turns an impossible combination into a row with the reason, and fails in one lin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from pathlib import Path
@@ -193,6 +194,27 @@ def test_a_plot_says_where_it_draws_a_kl_of_zero(kl, tmp_path, monkeypatch):
     label = drawn[0].axes[0].get_ylabel()
     floor = "1e-12" if kl == [0.0, 0.0] else "3e-07"
     assert (f"KL 0 drawn at {floor}" in label) == (0.0 in kl), label
+
+
+def test_an_interrupted_plot_leaves_the_old_png_whole(tmp_path, monkeypatch):
+    """Ctrl-C (or a kill) while `parity` draws a PNG: the previous PNG stays, not the first half of the new one."""
+    from matplotlib.figure import Figure
+
+    from portable.parity import ParityResult
+    from portable.parity_plot import plot
+
+    def half_then_interrupted(fig, target, *args, **kwargs):
+        with open(target, "wb") if isinstance(target, (str, Path)) else contextlib.nullcontext(target) as f:
+            f.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+    (tmp_path / "p.png").write_bytes(b"the old plot")
+    monkeypatch.setattr(Figure, "savefig", half_then_interrupted)
+    result = ParityResult(verdict="exact", matched_tokens=2, compared_tokens=2, top1_agreement=100.0,
+                          per_step=[{"kl": [0.0, 0.0], "margin": [1.0, 2.0]}])
+    with pytest.raises(KeyboardInterrupt):
+        plot(result, "test", tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes() == b"the old plot"
+    assert [p.name for p in tmp_path.iterdir()] == ["p.png"]  # no temporary file left
 
 
 @pytest.mark.parametrize("batch", [3, 16])
