@@ -3,10 +3,11 @@
 Top panel: KL(reference || candidate) per teacher-forced step (log scale). Bottom panel: the reference's decision
 margin per step (greedy: top-1 minus top-2 logit; sampled: distance of the seeded draw from the edge of the picked
 token's CDF slice), with every teacher-forced top-1 mismatch marked at its margin against the candidate's token
-(top-1 minus that token's logit; sampled: the draw's distance from that token's slice), the tolerance (when one was derived) as a
-horizontal line, and each sequence's first free-running divergence as a vertical line. A mismatch above the
-tolerance line is what makes a verdict `diverged`. A batch's legend stands beside the panels; past ten sequences
-(the colour cycle's length) the lines go unnamed and each divergence line carries the numbers of its sequences.
+(top-1 minus that token's logit; sampled: the draw's distance from that token's slice), the tolerance (when one was
+derived) as a horizontal line, and each sequence's first free-running divergence as a vertical line. A mismatch
+above the tolerance line is what makes a verdict `diverged`. A batch's legend stands beside the panels; past ten
+sequences (the colour cycle's length) the lines go unnamed and each divergence line carries the numbers of its
+sequences.
 
 Matplotlib's object API with the Agg canvas: no pyplot state, no display needed.
 """
