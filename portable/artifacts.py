@@ -9,7 +9,8 @@ builds a new artifact; keep them all and it loads the saved one.
 Folders are built under a temporary name next to their final place and renamed into it, so a crash or Ctrl-C never
 leaves a half-written artifact where a later run would find it. Runs that build the same artifact at once (CI jobs
 sharing a cold folder) each build it; the first to finish saves it and the others keep that one, which a run may
-already be loading. `rebuild=True` builds afresh and replaces the old folder the same way.
+already be loading. `rebuild=True` builds afresh and replaces the old folder the same way. The temporary folders
+of a killed run (SIGKILL skips its cleanup) are removed by a later save once they are a day old.
 
 Where: `RunConfig.artifact_dir`, else `$PORTABLE_CACHE_DIR/artifacts`, else `~/.cache/portable/artifacts`.
 
@@ -145,6 +146,7 @@ class ArtifactStore:
         complete artifact that another run finished meanwhile is kept, not moved away under a run loading it."""
         final = self.folder(kind, key)
         tmp = self._make_temp(f".building-{final.name}-")
+        _sweep(self.root)
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache folder from other users
         try:
             meta = save(built, tmp) or {}
@@ -167,6 +169,22 @@ def read_manifest(folder: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+
+
+STALE_S = 24 * 3600  # a temporary folder untouched this long belongs to a run that was killed (no build takes a day)
+TEMPORARY = (".building-", ".old-", ".probe-")
+
+
+def _sweep(root: Path) -> None:
+    """Remove the temporary folders killed runs left behind (SIGKILL skips their cleanup); the age limit spares the
+    builds of runs still going, on this machine or another sharing the folder."""
+    now = time.time()
+    for entry in root.iterdir():
+        try:
+            if entry.name.startswith(TEMPORARY) and entry.is_dir() and now - entry.stat().st_mtime > STALE_S:
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:  # removed meanwhile by another run's sweep
+            continue
 
 
 def _replace(tmp: Path, final: Path) -> None:

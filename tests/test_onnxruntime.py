@@ -444,6 +444,23 @@ def test_a_run_that_builds_second_keeps_the_artifact_a_parallel_run_saved_first(
     assert _store_get(store, key, [], rebuild=True).path == ours.path  # --rebuild still replaces it
 
 
+def test_saving_removes_the_temporary_folders_of_runs_killed_long_ago(tmp_path):
+    """A SIGKILLed build leaves its `.building-*` folder (its cleanup never runs): the next save removes those over a
+    day old and keeps younger ones, which may be another run's build in progress."""
+    import os
+    import time
+
+    from portable import artifacts
+
+    stale, recent = tmp_path / ".building-x-1", tmp_path / ".old-y-2"
+    for folder, age in ((stale, artifacts.STALE_S + 60), (recent, 60)):
+        folder.mkdir()
+        (folder / "part").write_text("half")
+        os.utime(folder, (time.time() - age,) * 2)
+    saved = _store_get(ArtifactStore(tmp_path), {"model": "a"}, [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([recent.name, saved.path.name])
+
+
 def test_store_ignores_a_folder_without_a_complete_manifest(tmp_path):
     store, calls = ArtifactStore(tmp_path), []
     key = {"model": "a"}
