@@ -21,8 +21,9 @@ import os
 import secrets
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import IO, Iterable, Iterator
 
 import torch
 
@@ -106,6 +107,22 @@ def create_temp(path: Path) -> tuple[int, Path]:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
         except FileExistsError:
             continue
+
+
+@contextmanager
+def atomic_file(path: Path, mode: str = "wb", newline: str | None = None) -> Iterator[IO]:
+    """A file to write `path`'s new content into, renamed over `path` when the block ends and removed if it fails:
+    an interrupted or failed write never leaves half a file where a good one was (reports, tables, plots)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = create_temp(path)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": newline})) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _stamp(raw: bytes, key: str, value: int) -> bytes:

@@ -14,10 +14,9 @@ Matplotlib's object API with the Agg canvas: no pyplot state, no display needed.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from caches.fileformat import create_temp
+from caches.fileformat import atomic_file
 from portable.parity import ParityResult
 
 NAMED_SEQUENCES = 10  # a legend entry and a colour of matplotlib's cycle each; a larger batch repeats the colours
@@ -73,14 +72,6 @@ def plot(result: ParityResult, title: str, path: Path, sampled: bool = False) ->
         ax_margin.legend(fontsize="small", **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if several else {}))
     fig.suptitle(f"{title}: {result.verdict} ({result.matched_tokens}/{result.compared_tokens} tokens, top-1 "
                  f"{result.top1_agreement:.1f}%)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = create_temp(path)  # drawn next to it and renamed: a killed run never leaves half a PNG
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=90)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_file(path) as f:  # drawn next to it and renamed: a killed run never leaves half a PNG
+        fig.savefig(f, format="png", dpi=90)
+    return Path(path)

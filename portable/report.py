@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from portable.metrics import PhaseMetrics
 from portable.parity import ParityResult
-from caches.fileformat import create_temp
+from caches.fileformat import atomic_file
 
 
 @dataclass
@@ -71,17 +70,9 @@ def to_dict(report) -> dict:
 
 def write_json(report, path: Path) -> None:
     """Write the report as JSON atomically (a half-written report never replaces a good one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = create_temp(path)  # the usual file mode (mkstemp's is 0600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(to_dict(report), f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "w") as f:
+        json.dump(to_dict(report), f, indent=1)
+        f.write("\n")
 
 
 _SKIPPED = {"tokens", "text", "per_step", "mismatches", "environment", "first_divergence", "finish_reasons"}

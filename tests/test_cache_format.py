@@ -373,3 +373,18 @@ def test_a_sliding_window_must_be_an_integer(good, window):
     rewrite(good, meta_change=change)
     with pytest.raises(CacheFileError, match="sliding-window layer metadata"):
         load_cache(good)
+
+
+def test_an_interrupted_atomic_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    """atomic_file, which reports, bench tables and plots are written through: the new content appears whole or not
+    at all."""
+    from caches.fileformat import atomic_file
+
+    path = tmp_path / "out.csv"
+    with atomic_file(path, "w", newline="") as f:
+        f.write("old\r\n")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_file(path, "w") as f:
+            f.write("half of the new")
+            raise KeyboardInterrupt
+    assert path.read_bytes() == b"old\r\n" and [p.name for p in tmp_path.iterdir()] == ["out.csv"]

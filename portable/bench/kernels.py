@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from caches.fileformat import atomic_file
 from portable.errors import PortableError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -238,8 +239,8 @@ def run(names: tuple[str, ...], dtype: str = "bf16", out: Path = Path("bench-ker
                         ms]
             rows.append(row)
         header = [xlabel] + [f"{n} {c}" for n in bench.line_names for c in ("GB/s", "GB/s low", "GB/s high", "ms")]
-        with open(out / f"{bench.plot_name}.csv", "w", newline="") as f:
-            csv.writer(f).writerows([header] + rows)
+        with atomic_file(out / f"{bench.plot_name}.csv", "w", newline="") as f:  # an interrupted run leaves the
+            csv.writer(f).writerows([header] + rows)  # previous files whole
         plt.figure()
         ax = plt.subplot()
         for i, line in enumerate(bench.line_names):
@@ -252,7 +253,8 @@ def run(names: tuple[str, ...], dtype: str = "bf16", out: Path = Path("bench-ker
         ax.set_xscale("log" if bench.x_log else "linear")
         ax.set_title(f"{bench.plot_name}{' (interpreter: not a timing)' if interpret else ''}")
         png = out / f"{bench.plot_name}.png"
-        plt.savefig(png)
+        with atomic_file(png) as f:
+            plt.savefig(f, format="png")
         plt.close()
         lines = [f"{bench.plot_name}:", f"{xlabel:>12} {'Triton GB/s':>12} {'PyTorch GB/s':>13} {'speed-up':>9}"]
         for r in rows:

@@ -12,13 +12,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from dataclasses import asdict, fields
 from pathlib import Path
 
 from portable.bench.result import Result
 from portable.errors import PortableError
-from caches.fileformat import create_temp
+from caches.fileformat import atomic_file
 
 FORMATS = ("md", "csv", "json", "jsonl")
 NOISY = 0.1  # a relative stdev of t/s above this is flagged in the md notes
@@ -60,16 +59,8 @@ def format_for(path: Path, fmt: str | None) -> str:
 
 def write(text: str, path: Path) -> None:
     """Write atomically: a half-written file never replaces a good one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = create_temp(path)  # the usual file mode (mkstemp's is 0600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "w") as f:
+        f.write(text)
 
 
 def to_csv(results: list[Result]) -> str:
