@@ -75,9 +75,11 @@ def test_a_tokenizer_fingerprint_mismatch_is_refused_unless_forced(tmp_path, oth
 
 class _ColdFirstCall:
     """A runner whose first prefill and first decode step pay a one-time cost (lazy initialisation, allocator growth,
-    kernel loading: what a first call pays on every backend)."""
+    kernel loading: what a first call pays on every backend). The cost is added to the clock the timings read
+    (`cold_first_calls` patches time.perf_counter), not slept: a loaded CI machine cannot blur it."""
 
-    COST_S = 0.5
+    COST_S = 1000.0  # far above any real run's time
+    clock_offset = 0.0
 
     def __init__(self, runner):
         self._runner = runner
@@ -89,9 +91,7 @@ class _ColdFirstCall:
     def _first(self, what):
         if what in self._cold:
             self._cold.discard(what)
-            import time
-
-            time.sleep(self.COST_S)
+            _ColdFirstCall.clock_offset += self.COST_S
 
     def prefill(self, ids, mask):
         self._first("prefill")
@@ -105,7 +105,11 @@ class _ColdFirstCall:
 @pytest.fixture
 def cold_first_calls(monkeypatch):
     """Every runner the pipeline loads pays a one-time cost on its first prefill and its first decode step."""
-    real = backends.require
+    import time
+
+    real, clock = backends.require, time.perf_counter
+    monkeypatch.setattr(_ColdFirstCall, "clock_offset", 0.0)
+    monkeypatch.setattr(time, "perf_counter", lambda: clock() + _ColdFirstCall.clock_offset)
 
     class Backend:
         def __init__(self, backend):
