@@ -8,7 +8,7 @@ The same as `portable prefill`; `python prefill.py --help` lists the options.
 
 import sys
 
-from portable.cli import main
+from portable.launch import main
 
 if __name__ == "__main__":
     main(sys.argv[1:], prog_name="prefill.py", command="prefill")

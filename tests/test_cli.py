@@ -452,3 +452,29 @@ def test_threads_set_the_cpu_pool_of_prefill_and_decode(tmp_path):
         for name in ("p.json", "d.json"):
             assert read_json(tmp_path / name)["environment"]["cpu_threads"] == threads
     assert run_cli("decode.py", "--cache", str(cache), "--threads", "0", check=False).returncode == 2
+
+
+INTERRUPT_DURING_IMPORT = """
+import os, runpy, signal, sys
+
+class Interrupt:  # Ctrl-C pressed while the command line imports typer (the first ~80 ms of every command)
+    def find_spec(self, name, path=None, target=None):
+        if name == "typer":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, Interrupt())
+sys.argv = [sys.argv[1], "--help"]
+if sys.argv[0] == "-m":
+    runpy.run_module("portable", run_name="__main__")
+else:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("program", ["prefill.py", "decode.py", "-m"])
+def test_ctrl_c_while_the_command_line_imports_is_one_line(program):
+    proc = run_cli("-c", INTERRUPT_DURING_IMPORT, program, check=False)
+    assert (proc.returncode, proc.stderr, proc.stdout) == (130, "error: interrupted\n", "")
+
