@@ -213,6 +213,15 @@ def test_result_statistics_keep_every_sample():
     assert r.tps_mean == pytest.approx((80 + 40 + 20) / 3)
 
 
+def test_one_repetition_claims_no_spread():
+    """`-r 1` has no stdev to show: the table prints the t/s alone, not "± 0.00" (a spread of zero, never measured)."""
+    r = Result(test="tg4", tokens=8, model="m", backend="cpu", precision="fp32")
+    r.set_samples([0.2])
+    assert r.stdev_s is None and r.tps_stdev is None and r.tps_mean == pytest.approx(40.0)
+    table = sinks.markdown([r])
+    assert "40.00" in table and "±" not in table.split("\n\n")[1], table
+
+
 def test_per_repetition_figures_agree_with_the_median_for_an_even_count():
     """With two repetitions (1 s and 2 s for 4 steps) the median time is 1.5 s: BPS, decode t/s, E2E t/s and GB/s
     must come from it, as median t/s does, not from the faster repetition."""

@@ -93,9 +93,9 @@ class Result:
         if not samples:
             return
         self.mean_s = statistics.fmean(samples)
-        self.stdev_s = statistics.stdev(samples) if len(samples) > 1 else 0.0
+        self.stdev_s = statistics.stdev(samples) if len(samples) > 1 else None  # one sample: spread unknown, not 0
         self.median_s = statistics.median(samples)
         rates = [self.tokens / max(s, 1e-12) for s in samples]
         self.tps_mean = statistics.fmean(rates)
-        self.tps_stdev = statistics.stdev(rates) if len(rates) > 1 else 0.0
+        self.tps_stdev = statistics.stdev(rates) if len(rates) > 1 else None
         self.tps_median = self.tokens / max(self.median_s, 1e-12)
