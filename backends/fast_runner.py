@@ -142,6 +142,8 @@ class FastRunner:
         self.info.load_s = art.load_s if art.reused else None
         self.info.artifact_reused = art.reused
         self.info.details["artifact"] = str(art.path)
+        if art.theirs:
+            self.info.details["artifact_saved_first_by_another_run"] = True
 
     def _capture(self) -> None:
         """Warm up (compiles every kernel) on a side stream, then capture one step as two graphs: the plain step

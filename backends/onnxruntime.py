@@ -163,6 +163,8 @@ class OrtBackend:
                    "onnxruntime": ort.__version__}
         if config.precision == "fp16":
             details["fp16_mode"] = artifact.manifest.get("key", {}).get("fp16_mode")
+        if artifact.theirs:
+            details["artifact_saved_first_by_another_run"] = True
         if artifact.compile_s is not None:
             details["stages_s"] = {k: round(v, 3) for k, v in stages.seconds.items()}
         info = RunnerInfo(backend=self.name, device=_device_label(provider, device_id),

@@ -55,7 +55,8 @@ def _canonical(key: dict) -> str:
 
 @dataclass
 class Artifact(Generic[Loaded]):
-    """A loaded artifact and how it got here. `compile_s` and `save_s` are None when it was reused."""
+    """A loaded artifact and how it got here. `compile_s` and `save_s` are None when it was reused; `theirs`: this
+    run built and wrote one, but another run saved the same artifact first, so that copy was kept and loaded."""
 
     value: Loaded
     path: Path
@@ -64,6 +65,7 @@ class Artifact(Generic[Loaded]):
     compile_s: float | None
     save_s: float | None
     load_s: float
+    theirs: bool = False
 
 
 class Stages:
@@ -115,16 +117,17 @@ class ArtifactStore:
         """
         folder = None if rebuild else self.find(kind, key)
         compile_s = save_s = None
+        theirs = False
         if folder is None:
             self._make_temp(".probe-").rmdir()  # before compiling: an unwritable root would throw the compile away
             built, compile_s = self._timed("compile", f"Building {label}", compile)
-            folder, save_s = self._timed("save", f"Saving {label}",
-                                         lambda: self._save(kind, key, built, save, replace=rebuild))
+            (folder, theirs), save_s = self._timed("save", f"Saving {label}",
+                                                   lambda: self._save(kind, key, built, save, replace=rebuild))
             del built
         manifest = read_manifest(folder) or {}
         value, load_s = self._timed("load", f"Loading {label}", lambda: load(folder, manifest))
         return Artifact(value=value, path=folder, manifest=manifest, reused=compile_s is None, compile_s=compile_s,
-                        save_s=save_s, load_s=load_s)
+                        save_s=save_s, load_s=load_s, theirs=theirs)
 
     def _timed(self, name: str, label: str, fn: Callable):
         start = time.perf_counter()
@@ -141,9 +144,11 @@ class ArtifactStore:
             raise PortableError(f"cannot write compiled artifacts under {self.root} ({e.strerror or e}); choose "
                                 f"another folder with --artifact-dir or $PORTABLE_CACHE_DIR") from e
 
-    def _save(self, kind: str, key: dict, built, save: Callable[[object, Path], dict], replace: bool = False) -> Path:
+    def _save(self, kind: str, key: dict, built, save: Callable[[object, Path], dict],
+              replace: bool = False) -> tuple[Path, bool]:
         """Write the artifact under a temporary name and rename it into place. Unless `replace` (--rebuild), a
-        complete artifact that another run finished meanwhile is kept, not moved away under a run loading it."""
+        complete artifact that another run finished meanwhile is kept, not moved away under a run loading it.
+        Returns the folder and whether it holds that other run's copy."""
         final = self.folder(kind, key)
         tmp = self._make_temp(f".building-{final.name}-")
         _sweep(self.root)
@@ -153,14 +158,15 @@ class ArtifactStore:
             manifest = {"format": FORMAT, "version": 1, "kind": kind, "key": key,
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **meta}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
-            if not replace and self.find(kind, key) is not None:  # a parallel run built the same artifact first
+            theirs = not replace and self.find(kind, key) is not None  # a parallel run built it first
+            if theirs:
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 _replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return final
+        return final, theirs
 
 
 def read_manifest(folder: Path) -> dict | None:

@@ -402,8 +402,11 @@ def export_artifact(
                        quiet=quiet)
     report = export_job.export(config)
     what = f"{report.backend} {report.precision} artifact of {report.model}"
-    typer.echo(f"{'Reused the saved' if report.reused else 'Saved'} {what} in {report.artifact} "
-               f"({', '.join(report.files)}; {megabytes(report.bytes)})")
+    if report.details.get("artifact_saved_first_by_another_run"):
+        done = f"Built the {what}, but another run saved it first: kept that copy,"
+    else:
+        done = f"{'Reused the saved' if report.reused else 'Saved'} {what}"
+    typer.echo(f"{done} in {report.artifact} ({', '.join(report.files)}; {megabytes(report.bytes)})")
     typer.echo(artifact_times(report.compile_s, report.save_s, report.load_s, report.reused))
     if json_path:
         write_json(report, json_path)

@@ -247,6 +247,30 @@ def test_rebuilt_when_the_model_changes_and_on_rebuild(tiny_exported, tmp_path):
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary folders left behind
 
 
+def test_export_that_lost_the_race_says_it_kept_the_other_runs_copy(tiny_exported, tmp_path, monkeypatch):
+    """Two runs export one artifact into a shared folder; the one finishing second keeps the first's copy. Its
+    message must say so rather than "Saved", since its own files were dropped."""
+    folder, done = tiny_exported("llama")
+    theirs = next(p for p in done.iterdir() if p.name.startswith("onnx-"))
+    shared = tmp_path / "shared"
+    real_export = onnx_export.export
+
+    def export_while_another_run_saves(*args, **kwargs):
+        result = real_export(*args, **kwargs)
+        shutil.copytree(theirs, shared / theirs.name)  # the other run finishes first
+        return result
+
+    monkeypatch.setattr(onnx_export, "export", export_while_another_run_saves)
+    result = invoke("export", "--model", folder, "--artifact-dir", shared, "--json", tmp_path / "e.json")
+    assert result.exit_code == 0, result.output
+    line = result.stdout.splitlines()[0]
+    assert line.startswith("Built the onnxruntime fp32 artifact") and "another run saved it first" in line, line
+    assert str(shared / theirs.name) in line and "Saved" not in result.stdout
+    report = read_json(tmp_path / "e.json")
+    assert report["details"]["artifact_saved_first_by_another_run"] is True and report["compile_s"] > 0
+    assert [p.name for p in shared.iterdir()] == [theirs.name]  # ours dropped, nothing temporary left
+
+
 def _scale_weight(folder: Path, name: str, factor: float) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -438,7 +462,7 @@ def test_a_run_that_builds_second_keeps_the_artifact_a_parallel_run_saved_first(
         return "ours"
     ours = store.get("test", key, compile=compile, save=lambda built, folder: (folder / "data.txt").write_text(built)
                      and {}, load=lambda folder, manifest: (folder / "data.txt").read_text())
-    assert ours.reused is False and ours.path == theirs[0].path
+    assert ours.reused is False and ours.path == theirs[0].path and ours.theirs and not theirs[0].theirs
     assert ours.value == "built" and (ours.path / "data.txt").read_text() == "built"  # theirs, kept in place
     assert [p.name for p in tmp_path.iterdir()] == [ours.path.name]  # our copy removed, no temporary folders left
     assert _store_get(store, key, [], rebuild=True).path == ours.path  # --rebuild still replaces it
