@@ -115,7 +115,7 @@ def test_the_dependencies_are_what_the_code_imports():
 
 
 def test_the_console_script_starts_where_the_entry_points_do():
-    """`portable` must start through the same first step as prefill.py and decode.py (a quiet Ctrl-C while importing)."""
+    """`portable` must start through the same first step as prefill.py and decode.py (quiet Ctrl-C while importing)."""
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"portable": "portable.launch:main"}
     for entry in ("prefill.py", "decode.py", "portable/__main__.py"):
