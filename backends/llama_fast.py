@@ -157,7 +157,7 @@ class FastDecoder:
                 inv_freq, rscale = rotary.inv_freq, rotary.attention_scaling
             self.layers.append(Layer(
                 ln1=layer.input_layernorm.weight,
-                wqkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).contiguous(),
+                wqkv=_fuse_rows((attn.q_proj, attn.k_proj, attn.v_proj)),
                 wo=attn.o_proj.weight,
                 ln2=(layer.pre_feedforward_layernorm if self.gemma else layer.post_attention_layernorm).weight,
                 wg=mlp.gate_proj.weight, wu=mlp.up_proj.weight, wd=mlp.down_proj.weight,
@@ -363,11 +363,33 @@ class FastDecoder:
 _DENSE = {"qkv": "wqkv", "o": "wo", "g": "wg", "u": "wu", "d": "wd"}
 
 
+def _fuse_rows(linears) -> torch.Tensor:
+    """The weights of `linears` stacked by rows into one tensor, which the modules' own weights then view: the HF
+    model (prefill, the reference path) and the step share one copy, not two (on Llama-3.2-1B in bf16 the second
+    copy was 201 MB, 7% of the decode's peak memory)."""
+    with torch.no_grad():
+        fused = torch.cat([lin.weight for lin in linears]).contiguous()
+        row = 0
+        for lin in linears:
+            n = lin.weight.shape[0]
+            lin.weight.data = fused[row:row + n]
+            row += n
+    return fused
+
+
 def _layer_int8(int8: dict, attn, mlp) -> dict:
-    """A layer's int8 weights by the names `_weight` uses; q, k and v rows concatenated like `wqkv`."""
-    qkv = [int8[m] for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
-    return {"qkv": (torch.cat([q for q, _ in qkv]).contiguous(), torch.cat([s for _, s in qkv]).contiguous()),
-            "o": int8[attn.o_proj], "g": int8[mlp.gate_proj], "u": int8[mlp.up_proj], "d": int8[mlp.down_proj]}
+    """A layer's int8 weights by the names `_weight` uses; q, k and v rows concatenated like `wqkv`, the entries of
+    `int8` for q, k and v then viewing the concatenation (one copy, as `_fuse_rows`)."""
+    parts = (attn.q_proj, attn.k_proj, attn.v_proj)
+    q = torch.cat([int8[m][0] for m in parts]).contiguous()
+    s = torch.cat([int8[m][1] for m in parts]).contiguous()
+    row = 0
+    for m in parts:
+        n = int8[m][0].shape[0]
+        int8[m] = (q[row:row + n], s[row:row + n])
+        row += n
+    return {"qkv": (q, s), "o": int8[attn.o_proj], "g": int8[mlp.gate_proj], "u": int8[mlp.up_proj],
+            "d": int8[mlp.down_proj]}
 
 
 def _weight(layer: Layer, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
