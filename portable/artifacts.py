@@ -9,8 +9,8 @@ builds a new artifact; keep them all and it loads the saved one.
 Folders are built under a temporary name next to their final place and renamed into it, so a crash or Ctrl-C never
 leaves a half-written artifact where a later run would find it. Runs that build the same artifact at once (CI jobs
 sharing a cold folder) each build it; the first to finish saves it and the others keep that one, which a run may
-already be loading. `rebuild=True` builds afresh and replaces the old folder the same way. The temporary folders
-of a killed run (SIGKILL skips its cleanup) are removed by a later save once they are a day old.
+already be loading. `rebuild=True` builds afresh and swaps the new folder for the old one (`_replace`). The
+temporary folders of a killed run (SIGKILL skips its cleanup) are removed by a later save once they are a day old.
 
 Where: `RunConfig.artifact_dir`, else `$PORTABLE_CACHE_DIR/artifacts`, else `~/.cache/portable/artifacts`.
 
@@ -194,7 +194,13 @@ def _sweep(root: Path) -> None:
 
 
 def _replace(tmp: Path, final: Path) -> None:
-    """Move the finished folder `tmp` to `final`, replacing an older one (never leaving `final` half-written)."""
+    """Move the finished folder `tmp` to `final`, replacing an older one (never leaving `final` half-written). Where
+    the system can swap two folders in one step (Linux `renameat2(RENAME_EXCHANGE)`: ext4, xfs, btrfs, tmpfs), `final`
+    is never absent; elsewhere the old folder is renamed away first, and for that moment a run looking for it finds
+    none (and builds its own)."""
+    if final.exists() and _exchange(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old artifact
+        return
     old = None
     if final.exists():
         old = final.with_name(f".old-{final.name}-{os.getpid()}-{time.monotonic_ns()}")
@@ -210,3 +216,20 @@ def _replace(tmp: Path, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # another run finished the same artifact first: keep theirs
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the folders `a` and `b` atomically; False where this system or file system cannot (or `b` is gone)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+    except (OSError, AttributeError):
+        return False
+    at_cwd = -100  # AT_FDCWD: absolute paths, or relative to the working directory
+    return renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), RENAME_EXCHANGE) == 0

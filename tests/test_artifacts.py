@@ -69,6 +69,49 @@ def test_a_run_that_builds_second_keeps_the_artifact_a_parallel_run_saved_first(
     assert _store_get(store, key, [], rebuild=True).path == ours.path  # --rebuild still replaces it
 
 
+def _rebuild(store, key, value):
+    return store.get("test", key, compile=lambda: value, save=lambda built, folder: (folder / "data.txt").write_text(
+        built) and {}, load=lambda folder, manifest: (folder / "data.txt").read_text(), rebuild=True)
+
+
+def test_a_rebuild_swaps_the_artifact_in_without_a_moment_missing(tmp_path, monkeypatch):
+    """Other runs may look for the artifact while --rebuild replaces it: with an atomic swap (Linux) they always find
+    a complete one. After every rename the store makes, the artifact is checked for."""
+    from portable import artifacts
+
+    probe = tmp_path / "probe"
+    (probe / "a").mkdir(parents=True)
+    (probe / "b").mkdir()
+    if not artifacts._exchange(probe / "a", probe / "b"):
+        pytest.skip("this system or file system cannot swap two folders atomically")
+    store, key = ArtifactStore(tmp_path / "store"), {"model": "a"}
+    _store_get(store, key, [])
+    found = []
+
+    def watched(rename):
+        def call(*args):
+            result = rename(*args)
+            found.append(store.find("test", key) is not None)
+            return result
+        return call
+    monkeypatch.setattr(artifacts.os, "rename", watched(artifacts.os.rename))
+    monkeypatch.setattr(artifacts, "_exchange", watched(artifacts._exchange))
+    new = _rebuild(store, key, "rebuilt")
+    assert new.value == "rebuilt" and found and all(found)
+    assert [p.name for p in store.root.iterdir()] == [new.path.name]  # the old folder removed
+
+
+def test_a_rebuild_where_folders_cannot_be_swapped_renames_the_old_one_away(tmp_path, monkeypatch):
+    from portable import artifacts
+
+    monkeypatch.setattr(artifacts, "_exchange", lambda a, b: False)
+    store, key = ArtifactStore(tmp_path), {"model": "a"}
+    first = _store_get(store, key, [])
+    new = _rebuild(store, key, "rebuilt")
+    assert new.path == first.path and new.value == "rebuilt" and (new.path / "data.txt").read_text() == "rebuilt"
+    assert [p.name for p in tmp_path.iterdir()] == [new.path.name]
+
+
 def test_saving_removes_the_temporary_folders_of_runs_killed_long_ago(tmp_path):
     """A SIGKILLed build leaves its `.building-*` folder (its cleanup never runs): the next save removes those over a
     day old and keeps younger ones, which may be another run's build in progress."""
