@@ -176,6 +176,11 @@ def decode(
             made = report.cache["made_by"]
             typer.echo(f"Prefill (from the cache file; {made.get('backend')} {made.get('precision')}): "
                        f"{t.prefill.line()}")
+        if t.end_to_end is not None:
+            made = report.cache["made_by"]
+            typer.echo(f"End to end ({made.get('backend')} {made.get('precision')} prefill + {report.backend} "
+                       f"{report.precision} decode): TTFT {t.prefill.time_per_batch_s * 1e3:.2f} ms | "
+                       f"{t.end_to_end.line()}")
         extra = "".join(f" | {name} {value:.2f} s" for name, value in (
             ("compile", t.compile_s), ("artifact save", t.save_s), ("artifact load", t.load_s)) if value is not None)
         cast = f" (cast {report.cache['cast']})" if report.cache.get("cast") else ""

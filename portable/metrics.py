@@ -55,5 +55,16 @@ def decode_metrics(step_times_s: list[float], batch: int, step_tokens: list[int]
                         step_p50_ms=float(np.percentile(ms, 50)), step_p95_ms=float(np.percentile(ms, 95)))
 
 
+def end_to_end_metrics(prefill: PhaseMetrics, step_times_s: list[float], batch: int,
+                       new_tokens: list[int]) -> PhaseMetrics:
+    """Prompt to last token as one run with no file in between: the timed prefill (whose logits give each sequence's
+    first new token) plus every decode step. Per token: over the longest sequence's new tokens; TPS: every sequence's
+    new tokens over the whole time."""
+    total = max(prefill.time_per_batch_s + sum(step_times_s), 1e-9)
+    generated = sum(new_tokens)
+    return PhaseMetrics(time_per_batch_s=total, time_per_token_s=total / max(max(new_tokens, default=0), 1),
+                        bps=1 / total, sps=batch / total, tps=generated / total, calls=1, tokens=generated)
+
+
 def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(values), q)) if values else None

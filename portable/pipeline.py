@@ -23,7 +23,7 @@ from portable.config import RunConfig
 from portable.environment import environment
 from portable.errors import CacheFileError, PortableError
 from portable.generation import Stopper, run_decode
-from portable.metrics import PhaseMetrics, decode_metrics, prefill_metrics
+from portable.metrics import PhaseMetrics, decode_metrics, end_to_end_metrics, prefill_metrics
 from portable.report import DecodeReport, PrefillReport, Timing
 from portable.sampling import Sampler
 
@@ -300,13 +300,15 @@ def decode(config: RunConfig, on_tokens: Callable[[int, list[int | None]], None]
     parity_s = time.perf_counter() - parity_start if verdict.verdict != "skipped" else None
 
     prefill_timing = cache_cpu.prefill.get("timing")
+    prefill_phase = PhaseMetrics(**prefill_timing) if prefill_timing else None
     info = runner.info
     return DecodeReport(
         model=source.spec, backend=info.backend, precision=config.precision, device=info.device, batch=cache.batch,
         prompt_tokens=cache_cpu.prompt_lengths, new_tokens=result.new_tokens, tokens=result.tokens,
         text=[stopper.final_text(t) for t in result.tokens], finish_reasons=result.finish_reasons,
-        timing=Timing(prefill=PhaseMetrics(**prefill_timing) if prefill_timing else None, decode=decode_phase,
-                      decode_step_ms=[s * 1e3 for s in result.step_times_s],
+        timing=Timing(prefill=prefill_phase, decode=decode_phase, decode_step_ms=[s * 1e3 for s in result.step_times_s],
+                      end_to_end=end_to_end_metrics(prefill_phase, result.step_times_s, cache.batch, result.new_tokens)
+                      if prefill_phase and any(result.new_tokens) else None,
                       model_load_s=info.model_load_s, cache_load_s=cache_load_s, compile_s=info.compile_s,
                       save_s=info.save_s, load_s=info.load_s, artifact_reused=info.artifact_reused,
                       parity_s=parity_s),

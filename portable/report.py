@@ -16,6 +16,8 @@ class Timing:
     prefill: PhaseMetrics | None = None  # the prefill that made the cache file (read from it)
     decode: PhaseMetrics | None = None
     decode_step_ms: list[float] | None = None  # every timed decode step: the samples the decode figures come from
+    # the file's prefill + this decode, as if one run: time to first token is the prefill's time_per_batch_s
+    end_to_end: PhaseMetrics | None = None
     model_load_s: float | None = None
     cache_load_s: float | None = None  # reading, checking, casting and moving the cache file
     cache_save_s: float | None = None

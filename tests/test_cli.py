@@ -60,6 +60,7 @@ def test_decode_prints_verdict_metrics_and_writes_the_report(made, tmp_path):
     assert result.exit_code == 0, result.output
     assert "Parity vs CPU FP32: exact (10/10 tokens)" in result.stdout
     assert "BPS" in result.stdout and "SPS" in result.stdout and "step P50" in result.stdout
+    assert "End to end (cpu fp32 prefill + cpu fp32 decode): TTFT " in result.stdout
     report = json.loads((tmp_path / "r.json").read_text())
     for key in ("model", "backend", "precision", "device", "batch", "prompt_tokens", "new_tokens", "tokens", "text",
                 "timing", "kv_cache_bytes", "peak_memory_bytes", "parity", "environment"):
@@ -90,6 +91,11 @@ def test_decode_report_keeps_every_step_so_its_figures_can_be_checked_by_hand(ma
     assert decode["tps"] == pytest.approx(decode["tokens"] / (sum(steps) / 1e3))
     assert decode["step_p50_ms"] == pytest.approx(float(np.percentile(steps, 50)))
     assert decode["step_p95_ms"] == pytest.approx(float(np.percentile(steps, 95)))
+    # end to end: the file's prefill (its logits gave the first token) plus these steps, as one run
+    e2e, total_s = timing["end_to_end"], timing["prefill"]["time_per_batch_s"] + sum(steps) / 1e3
+    assert e2e["time_per_batch_s"] == pytest.approx(total_s) and e2e["tokens"] == 8
+    assert e2e["tps"] == pytest.approx(8 / total_s) and e2e["time_per_token_s"] == pytest.approx(total_s / 8)
+    assert e2e["bps"] == pytest.approx(1 / total_s) and e2e["sps"] == pytest.approx(1 / total_s)
 
 
 def test_prompt_from_stdin_and_batch(made, tmp_path):
