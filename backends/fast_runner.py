@@ -100,8 +100,8 @@ class FastRunner:
         for path in sorted([*kernels.glob("*.py"), *kernels.glob("*.cu")]):
             sources.update(path.read_bytes())
         return {"kind": "llama-fast-decode", "model_type": c.model_type, "hidden": c.hidden_size,
-                "layers": len(d.layers), "heads": [d.hq, d.hk, d.d], "mlp": d.layers[0].wg.shape[0],
-                "vocab": d.head.shape[0], "windows": sorted({layer.window for layer in d.layers}),
+                "layers": len(d.layers), "heads": [d.hq, d.hk, d.d], "mlp": d.intermediate,
+                "vocab": d.vocab, "windows": sorted({layer.window for layer in d.layers}),
                 "dtype": str(d.dtype), "batch": d.shape[0], "chunks_p2": d.attention.chunks_p2,
                 "kernels": d.kernels, "gemv": d.gemv_impl, "pdl": d.pdl, "weights": d.weights,
                 "gpu": torch.cuda.get_device_name(self._device),
@@ -205,15 +205,18 @@ class FastRunner:
 
     def weight_bytes(self, batch: int) -> int:
         """Bytes of weights one step of `batch` sequences reads (the bench's cost model): the model's, with every
-        linear weight the batch-1 GEMVs stream as int8 counted as its int8 rows and scales instead (batches > 1 and
-        `--kernels torch` multiply by the dense, dequantized weights)."""
+        linear weight counted as the int8 rows and scales the step reads instead where it has them (at every batch:
+        the GEMVs at batch 1, `int8_mm` above; a lean model holds only those, a head tied to the embedding is dense
+        in the model but streamed as int8 rows)."""
+        from torch.nn.utils import parametrize
+
         from backends import quantize
         from portable.bench import roofline
 
         total = roofline.weight_bytes(self.model)
-        if self._int8 and batch == 1 and self.decoder.kernels == "triton":
-            dense = sum(m.weight.numel() * m.weight.element_size() for m in self._int8)
-            total += quantize.nbytes(self._int8.values()) - dense
+        for module, rows in (self._int8 or {}).items():
+            if not parametrize.is_parametrized(module, "weight"):  # counted dense by the roofline
+                total += quantize.nbytes([rows]) - module.weight.numel() * module.weight.element_size()
         return total
 
     def synchronize(self) -> None:

@@ -18,7 +18,7 @@ from portable.errors import PortableError
 class TorchGpuBackend:
     name = "gpu"
     # int8: weight-only (int8 rows with fp32 scales, backends/quantize.py) with bf16 activations and KV cache; the
-    # Llama-family fast path's batch-1 GEMVs stream the int8 rows
+    # Llama-family fast path's steps read the int8 rows, and the model keeps no dense copy of them (`lean`)
     precisions = ("fp32", "fp16", "bf16", "int8")
     int8_scheme = "weight-only"  # what parity's calibration mirrors (portable/pipeline.py)
     platform = ""  # "cuda" or "rocm"
@@ -71,7 +71,7 @@ class TorchGpuBackend:
 
             return fast_runner.FastRunner(loaded, backend=self.name, config=config, device=device,
                                           graphs=None if config.compile else False,
-                                          int8=quantize.quantize_linears_(loaded.model))
+                                          int8=quantize.quantize_linears_(loaded.model, lean=True))
         if config.compile and config.attn != "eager" and why_not is None:
             return fast_runner.FastRunner(loaded, backend=self.name, config=config, device=device)
         return HFRunner(loaded, backend=self.name, precision=config.precision, device=device)

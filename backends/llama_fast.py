@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from backends.kernels import activation, attention, gemv, norms, rope, step, stream_gemv
+from backends import quantize
+from backends.kernels import activation, attention, gemv, int8_mm, norms, rope, step, stream_gemv
 from caches import PromptCache, SlidingWindowLayer
 from portable import architectures
 
@@ -40,12 +41,12 @@ from portable import architectures
 @dataclass
 class Layer:
     ln1: torch.Tensor
-    wqkv: torch.Tensor
-    wo: torch.Tensor
+    wqkv: torch.Tensor | None  # the dense weights; None with int8 weights (then `int8` holds them)
+    wo: torch.Tensor | None
     ln2: torch.Tensor
-    wg: torch.Tensor
-    wu: torch.Tensor
-    wd: torch.Tensor
+    wg: torch.Tensor | None
+    wu: torch.Tensor | None
+    wd: torch.Tensor | None
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     post_attn: torch.Tensor | None  # Gemma3 post-norms
@@ -89,9 +90,10 @@ class FastDecoder:
     `backends.fast_runner.FastRunner`)."""
 
     def __init__(self, model, kernels: str = "triton", pdl: bool = False, int8: dict | None = None):
-        """`int8`: {linear module: (q, s)} from `backends.quantize.quantize_linears_(model)` (which also left q * s
-        in the model's weights): the batch-1 GEMVs then stream the int8 rows; the matrix path (batch > 1, `--kernels
-        torch`) multiplies by the model's dequantized weights."""
+        """`int8`: {linear module: (q, s)} from `backends.quantize.quantize_linears_(model)` (the model's weights are
+        then q * s, computed on access where `lean`): every step reads the int8 rows, the batch-1 GEMVs and the
+        batches > 1 (`int8_mm`, or its PyTorch reference with `--kernels torch`); no dense copy of a linear weight is
+        kept here."""
         config = model.config
         self.config = config
         self.kernels = kernels
@@ -139,7 +141,9 @@ class FastDecoder:
         self.embed = inner.embed_tokens.weight
         self.embed_scale = float(inner.embed_tokens.embed_scale.to(self.dtype)) if self.gemma else 1.0
         self.final_norm = inner.norm.weight
-        self.head = model.lm_head.weight
+        self.head = None if int8 else model.lm_head.weight  # int8: the head's rows are in head_int8
+        self.vocab = model.lm_head.out_features
+        self.intermediate = inner.layers[0].mlp.gate_proj.out_features
         self.weights = "int8" if int8 else "native"
         self.head_int8 = int8[model.lm_head] if int8 else None
         if (kernels == "triton" and not int8 and self.dtype in (torch.bfloat16, torch.float16)
@@ -155,12 +159,14 @@ class FastDecoder:
                 inv_freq, rscale = getattr(rotary, f"{kind}_inv_freq"), getattr(rotary, f"{kind}_attention_scaling")
             else:
                 inv_freq, rscale = rotary.inv_freq, rotary.attention_scaling
+            dense = not int8
             self.layers.append(Layer(
                 ln1=layer.input_layernorm.weight,
-                wqkv=_fuse_rows((attn.q_proj, attn.k_proj, attn.v_proj)),
-                wo=attn.o_proj.weight,
+                wqkv=_fuse_rows((attn.q_proj, attn.k_proj, attn.v_proj)) if dense else None,
+                wo=attn.o_proj.weight if dense else None,
                 ln2=(layer.pre_feedforward_layernorm if self.gemma else layer.post_attention_layernorm).weight,
-                wg=mlp.gate_proj.weight, wu=mlp.up_proj.weight, wd=mlp.down_proj.weight,
+                wg=mlp.gate_proj.weight if dense else None, wu=mlp.up_proj.weight if dense else None,
+                wd=mlp.down_proj.weight if dense else None,
                 q_norm=attn.q_norm.weight if hasattr(attn, "q_norm") else None,
                 k_norm=attn.k_norm.weight if hasattr(attn, "k_norm") else None,
                 post_attn=layer.post_attention_layernorm.weight if self.gemma else None,
@@ -186,13 +192,14 @@ class FastDecoder:
         self.qkv = torch.zeros(batch, (self.hq + 2 * self.hk) * self.d, dtype=dt, device=dev)
         self.q = torch.zeros(batch, self.hq, self.d, dtype=dt, device=dev)
         self.o = torch.zeros(batch, self.hq, self.d, dtype=dt, device=dev)
-        self.mlp = torch.zeros(batch, self.layers[0].wg.shape[0], dtype=dt, device=dev)
+        self.mlp = torch.zeros(batch, self.intermediate, dtype=dt, device=dev)
         self.tmp = torch.zeros(batch, hidden, dtype=dt, device=dev)
-        self.logits = torch.zeros(batch, self.head.shape[0], dtype=torch.float32, device=dev)
+        self.logits = torch.zeros(batch, self.vocab, dtype=torch.float32, device=dev)
         self.history = torch.zeros(batch, slots, dtype=torch.long, device=dev)  # greedy picks, by the slot they feed
-        head_plan = self._stream_plan(self.head, gated=False)
+        head_plan = None if self.head_int8 else self._stream_plan(self.head, gated=False)
+        head = self.head_int8[0] if self.head_int8 else self.head
         blocks = head_plan.grid if head_plan else gemv.argmax_blocks(
-            *self.head.shape, self.gemv_configs.get("head"), itemsize=1 if self.head_int8 else self.head.element_size())
+            *head.shape, self.gemv_configs.get("head"), itemsize=head.element_size())
         self.amax = torch.zeros(blocks, dtype=torch.float32, device=dev)
         self.aidx = torch.zeros(blocks, dtype=torch.int32, device=dev)
         self.attention = attention.RopeAttention(batch, self.hq, self.hk, self.d, slots, dev,
@@ -338,26 +345,43 @@ class FastDecoder:
 
     def _layers_matmul(self) -> None:
         rmsnorm, rmsnorm_add, gated = self._k()
-        mm = torch.nn.functional.linear
+        mm = self._mm
         eps, off, b = self.eps, self.offset, self.shape[0]
         for i, layer in enumerate(self.layers):
             x = rmsnorm(self.h, layer.ln1, eps, off, out_dtype=self.dtype)
-            torch.matmul(x, layer.wqkv.t(), out=self.qkv)
+            if layer.int8:
+                self.qkv.copy_(mm(x, layer, "qkv"))
+            else:
+                torch.matmul(x, layer.wqkv.t(), out=self.qkv)
             self._attend(i, layer)
-            attn_out = mm(self.o.view(b, -1), layer.wo)
+            attn_out = mm(self.o.view(b, -1), layer, "o")
             if self.gemma:
                 rmsnorm_add(attn_out, self.h, layer.post_attn, eps, off)
             else:
                 self.h.add_(attn_out)
             x = rmsnorm(self.h, layer.ln2, eps, off, out_dtype=self.dtype)
-            a = gated(mm(x, layer.wg), mm(x, layer.wu), self.act)
-            ff = mm(a, layer.wd)
+            a = gated(mm(x, layer, "g"), mm(x, layer, "u"), self.act)
+            ff = mm(a, layer, "d")
             if self.gemma:
                 rmsnorm_add(ff, self.h, layer.post_ff, eps, off)
             else:
                 self.h.add_(ff)
         x = rmsnorm(self.h, self.final_norm, eps, off, out_dtype=self.dtype)
-        self.logits.copy_(mm(x, self.head))
+        if self.head_int8:
+            self._mm_int8(x, *self.head_int8, out=self.logits)
+        else:
+            self.logits.copy_(torch.nn.functional.linear(x, self.head))
+
+    def _mm(self, x: torch.Tensor, layer: Layer, name: str) -> torch.Tensor:
+        """x times a layer's weight `name` (transposed), in the model's dtype: a matrix product, or with int8
+        weights `int8_mm` on the int8 rows (fp32 sums, rounded to the model's dtype as a dense product's are)."""
+        w, s = _weight(layer, name)
+        if s is None:
+            return torch.nn.functional.linear(x, w)
+        return self._mm_int8(x, w, s).to(self.dtype)
+
+    def _mm_int8(self, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, out: torch.Tensor | None = None):
+        return (int8_mm.int8_mm if self.kernels == "triton" else int8_mm.int8_mm_torch)(x, q, s, out=out)
 
 
 _DENSE = {"qkv": "wqkv", "o": "wo", "g": "wg", "u": "wu", "d": "wd"}
@@ -386,7 +410,7 @@ def _layer_int8(int8: dict, attn, mlp) -> dict:
     row = 0
     for m in parts:
         n = int8[m][0].shape[0]
-        int8[m] = (q[row:row + n], s[row:row + n])
+        quantize.rebind_(int8, m, q[row:row + n], s[row:row + n])
         row += n
     return {"qkv": (q, s), "o": int8[attn.o_proj], "g": int8[mlp.gate_proj], "u": int8[mlp.up_proj],
             "d": int8[mlp.down_proj]}

@@ -140,7 +140,7 @@ def model_for(spec: str):
         return model, None
     from backends import quantize
 
-    return model, quantize.quantize_linears_(model)
+    return model, quantize.quantize_linears_(model, lean=True)  # as the GPU backends do
 
 
 def main(specs: list[str]) -> None:

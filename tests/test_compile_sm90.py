@@ -17,7 +17,7 @@ from tests.conftest import ROOT
 SPECS = ["default:fp32", "default:bf16", "default:fp16", "default:int8", "preset:llama-3.2-1b:bf16",
          "preset:llama-3.2-1b:int8", "preset:qwen3-1.7b:bf16", "preset:gemma3-1b:bf16", "preset:mistral-7b:bf16"]
 KERNELS = {"_embed_kernel", "_gemv_kernel", "_rope_attn_partial_kernel", "_combine_oproj_kernel",
-           "_attn_combine_kernel", "_advance_kernel", "_rmsnorm_kernel", "_gated_kernel"}
+           "_attn_combine_kernel", "_advance_kernel", "_rmsnorm_kernel", "_gated_kernel", "_int8_mm_kernel"}
 
 
 @pytest.mark.slow

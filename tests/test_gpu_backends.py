@@ -173,35 +173,51 @@ def test_decode_loop_uses_greedy_steps_in_chunks(tiny_model, monkeypatch):
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3"])
 @pytest.mark.parametrize("kernels", KERNELS_ON_CPU)
-def test_int8_fast_step_matches_the_dequantized_model(tiny_model, name, kernels, monkeypatch):
-    """Weight-only int8: `quantize_linears_` leaves q * s in the model's weights (so HF prefill and the HF step use
-    them), and the fast step streaming the int8 rows (batch 1, triton) or multiplying by the dequantized weights
-    (batch 2, or torch kernels) gives the HF step's logits; the weights it streams are the int8 ones (the dense q * s
-    would give the same logits, so the GEMVs are watched: every weight they get is int8, with its row scales)."""
-    from backends import quantize
-    from backends.kernels import attention, gemv
+@pytest.mark.parametrize("lean", [False, True])
+def test_int8_fast_step_matches_the_dequantized_model(tiny_model, name, kernels, lean, monkeypatch):
+    """Weight-only int8: `quantize_linears_` makes the model's weights q * s (written in place, or with `lean`
+    computed on access from the int8 rows, the dense weights dropped), so HF prefill and the HF step use them; the
+    fast step gives the HF step's logits at batch 1 (GEMVs) and batch 2 (`int8_mm`, or its reference with torch
+    kernels). The dense q * s would give the same logits, so the products are watched: every weight they get is
+    int8, with its row scales, at every batch."""
+    from torch.nn.utils import parametrize
 
-    streamed = []  # (weight dtype, has row scales) of each batch-1 GEMV and combine + W_o launch
+    from backends import quantize
+    from backends.kernels import attention, gemv, int8_mm
+
+    streamed = []  # (weight dtype, has row scales) of each batch-1 GEMV and combine + W_o launch; "mm" per int8_mm
     real_gemv, real_oproj = gemv.gemv, attention.RopeAttention.combine_oproj_
     monkeypatch.setattr(gemv, "gemv", lambda x, w, out, **kw: streamed.append(
         (w.dtype, kw.get("scale") is not None)) or real_gemv(x, w, out, **kw))
     monkeypatch.setattr(attention.RopeAttention, "combine_oproj_", lambda self, wo, h, *args, **kw: streamed.append(
         (wo.dtype, kw.get("scale") is not None)) or real_oproj(self, wo, h, *args, **kw))
+    for fn in ("int8_mm", "int8_mm_torch"):
+        real = getattr(int8_mm, fn)
+        monkeypatch.setattr(int8_mm, fn, lambda x, q, s, out=None, real=real, **kw: streamed.append(
+            ("mm", q.dtype, s.dtype)) or real(x, q, s, out=out, **kw))
     loaded = models.load(models.resolve(str(tiny_model(name))), "fp32", "cpu")
     dense = {m: m.weight.clone() for m in quantize.linear_modules(loaded.model)}
-    int8 = quantize.quantize_linears_(loaded.model)
-    assert set(int8) == set(dense) and all(not torch.equal(m.weight, dense[m]) for m in int8)  # now q * s
+    dense_bytes = models_weight_bytes(loaded.model)
+    int8 = quantize.quantize_linears_(loaded.model, lean=lean)
+    assert set(int8) == set(dense)
+    embedding = loaded.model.get_input_embeddings().weight
+    for m, (q, s) in int8.items():
+        assert not torch.equal(m.weight, dense[m]) and torch.equal(m.weight, quantize.dequantize_rows(q, s, m.weight.dtype))
+        # lean: no dense weight is held but a head tied to the embedding's
+        assert parametrize.is_parametrized(m, "weight") == (lean and m.weight is not embedding)
     hf = HFRunner(loaded, "cpu", "fp32", torch.device("cpu"))
     ids, mask = tokenize(hf.tokenizer, list(PROMPTS), 0)
     cache = hf.prefill(ids, mask)
     for c in (cache.select([0]), cache):
         fast = FastRunner(loaded, "cpu", RunConfig(kernels=kernels), torch.device("cpu"), graphs=False, int8=int8)
         layer = fast.decoder.layers[0]
-        assert layer.int8["qkv"][0].dtype == torch.int8 and layer.int8["qkv"][0].shape == layer.wqkv.shape
+        assert layer.int8["qkv"][0].dtype == torch.int8 and layer.wqkv is None and fast.decoder.head is None
         fused = layer.int8["qkv"][0].untyped_storage().data_ptr()  # one copy: q, k and v's rows view it
         attn = loaded.model.model.layers[0].self_attn
         assert [int8[m][0].untyped_storage().data_ptr() for m in (attn.q_proj, attn.k_proj, attn.v_proj)] == \
             [fused] * 3
+        if lean:  # the model's own copy too
+            assert attn.k_proj.parametrizations.weight.original0.untyped_storage().data_ptr() == fused
         assert fast.info.details["weights"] == "int8"
         hf.start(c, 5)
         fast.start(c, 5)
@@ -211,15 +227,15 @@ def test_int8_fast_step_matches_the_dequantized_model(tiny_model, name, kernels,
             a, b = hf.decode_step(token), fast.decode_step(token)
             assert float((a - b).norm() / a.norm()) < 1e-5
             token = a.argmax(-1)
-        if c.batch == 1 and kernels == "triton":  # per layer qkv, o, gate/up, down; then the head
-            assert streamed == [(torch.int8, True)] * 5 * (4 * len(fast.decoder.layers) + 1)
-        else:
-            assert streamed == []
-    model_bytes = fast.weight_bytes(2)
+        products = 4 * len(fast.decoder.layers) + 1  # per layer qkv, o, gate/up, down; then the head
+        if c.batch == 1 and kernels == "triton":
+            assert streamed == [(torch.int8, True)] * 5 * products
+        else:  # gate and up are two products here
+            assert streamed == [("mm", torch.int8, torch.float32)] * 5 * (products + len(fast.decoder.layers))
+    # the step reads the int8 rows and scales of every linear weight, at every batch
     linear = sum(w.numel() * w.element_size() for w in dense.values())
-    assert model_bytes == models_weight_bytes(loaded.model)  # batch 2 multiplies by the dense weights
-    saved = linear - quantize.nbytes(int8.values())
-    assert fast.weight_bytes(1) == (model_bytes - saved if kernels == "triton" else model_bytes)
+    expected = dense_bytes - linear + quantize.nbytes(int8.values())
+    assert fast.weight_bytes(1) == fast.weight_bytes(2) == expected < dense_bytes
 
 
 def models_weight_bytes(model) -> int:

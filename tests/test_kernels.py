@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from backends import quantize
-from backends.kernels import activation, attention, gemv, norms, rope, step
+from backends.kernels import activation, attention, gemv, int8_mm, norms, rope, step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -340,6 +340,55 @@ def test_int8_default_tiles_hold_the_bytes_of_the_dense_ones():
                              (128256, 2048, False, False)]:
         dense, int8 = gemv.default_config(n, k, gated, acc), gemv.default_config(n, k, gated, acc, itemsize=1)
         assert int8.block_k == 2 * dense.block_k and int8.split_k == dense.split_k and int8.block_n == dense.block_n
+
+
+# bf16 only where the kernel is compiled: Triton's interpreter computes bf16 `tl.dot` wrongly (kernels/__init__.py)
+MM_DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("dtype", MM_DTYPES)
+@pytest.mark.parametrize("m,n,k", [(2, 64, 128), (5, 100, 300), (16, 256, 512), (20, 96, 256), (3, 48, 1024)])
+@pytest.mark.parametrize("split", [None, 1, 4])
+def test_int8_mm_matches_the_dequantized_product(dtype, m, n, k, split):
+    """Batches > 1 with int8 weights: ragged sizes, rows past one 16-row block, split-K partial sums added
+    atomically into a zeroed output (None: the default split, which the interpreter's 4 "SMs" make > 1 for long K)."""
+    x = rand(m, k, dtype=dtype, seed=31)
+    q, s = quantize.quantize_rows(rand(n, k, seed=32))
+    config = None if split is None else int8_mm.MmConfig(block_n=32, block_k=64, split_k=split)
+    out = torch.full((m, n), 7.0, device=DEVICE)  # a split must not add to what was there
+    y = int8_mm.int8_mm(x, q, s, out=out, config=config)
+    assert y is out and y.dtype == torch.float32
+    reference = x.float() @ quantize.dequantize_rows(q, s, torch.float32).t()
+    assert rel_err(y, reference) < TOL[dtype] and rel_err(int8_mm.int8_mm_torch(x, q, s), reference) < 1e-6
+
+
+def test_int8_mm_default_split_fills_the_gpu_on_long_reductions():
+    sms = 132  # an H100
+    assert int8_mm.default_config(16, 2048, 8192, sms).split_k == 8  # down projection: 32 column blocks
+    assert int8_mm.default_config(16, 2048, 2048, sms).split_k == 8
+    assert int8_mm.default_config(16, 8192, 2048, sms).split_k == 2
+    assert int8_mm.default_config(16, 128256, 2048, sms).split_k == 1  # the head: 2,004 blocks already
+    assert int8_mm.default_config(16, 2048, 200, sms).split_k == 1  # K not a multiple of two tiles: no split
+
+
+def test_int8_mm_refuses_what_it_cannot_multiply():
+    x = rand(2, 64)
+    q, s = quantize.quantize_rows(rand(32, 64, seed=1))
+    for args, match in [((x, q.float(), s), "int8 weights"), ((x, q, s.double()), "fp32 scales"),
+                        ((x, q[:, :32], s), "int8 weights"), ((x.t().contiguous().t(), q, s), "contiguous")]:
+        with pytest.raises(ValueError, match=match):
+            int8_mm.int8_mm(*args)
+    with pytest.raises(ValueError, match="fp32 \\[2, 32\\]"):
+        int8_mm.int8_mm(x, q, s, out=torch.zeros(2, 32, dtype=torch.bfloat16, device=DEVICE))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(3072, 2048), (2048, 8192), (8192, 2048), (128256, 2048)])
+def test_int8_mm_real_shapes_on_gpu(n, k):
+    x = rand(16, k, dtype=torch.bfloat16, seed=33)
+    q, s = quantize.quantize_rows(rand(n, k, seed=34) / k ** 0.5)
+    reference = x.float() @ quantize.dequantize_rows(q, s, torch.float32).t()
+    assert rel_err(int8_mm.int8_mm(x, q, s), reference) < 1e-2
 
 
 @pytest.mark.gpu

@@ -23,6 +23,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from torch.nn.utils import parametrize
 
 from caches import PromptCache, RecurrentLayer, SlidingWindowLayer
 from portable.config import user_cache_dir
@@ -42,7 +43,10 @@ def weight_bytes(model) -> int | None:
     # An embedding table is looked up (a row per sequence), not read: every one but the output head's weight is left
     # out (the untied input embedding, a learned position table such as GPTBigCode's wpe).
     embed_out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head = embed_out.weight.data_ptr() if embed_out is not None else None
+    # a head whose weight is computed from int8 rows (backends/quantize.py, lean) is no embedding's: not read here,
+    # which would build the dense weight
+    head = embed_out.weight.data_ptr() if embed_out is not None and not parametrize.is_parametrized(
+        embed_out, "weight") else None
     for ptr, weight in {m.weight.data_ptr(): m.weight for m in model.modules()
                         if isinstance(m, torch.nn.Embedding)}.items():
         if ptr != head and ptr in seen:
