@@ -202,7 +202,8 @@ def test_int8_fast_step_matches_the_dequantized_model(tiny_model, name, kernels,
     assert set(int8) == set(dense)
     embedding = loaded.model.get_input_embeddings().weight
     for m, (q, s) in int8.items():
-        assert not torch.equal(m.weight, dense[m]) and torch.equal(m.weight, quantize.dequantize_rows(q, s, m.weight.dtype))
+        weight = m.weight
+        assert not torch.equal(weight, dense[m]) and torch.equal(weight, quantize.dequantize_rows(q, s, weight.dtype))
         # lean: no dense weight is held but a head tied to the embedding's
         assert parametrize.is_parametrized(m, "weight") == (lean and m.weight is not embedding)
     hf = HFRunner(loaded, "cpu", "fp32", torch.device("cpu"))

@@ -351,7 +351,7 @@ MM_DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 @pytest.mark.parametrize("split", [None, 1, 4])
 def test_int8_mm_matches_the_dequantized_product(dtype, m, n, k, split):
     """Batches > 1 with int8 weights: ragged sizes, rows past one 16-row block, split-K partial sums added
-    atomically into a zeroed output (None: the default split, which the interpreter's 4 "SMs" make > 1 for long K)."""
+    atomically into a zeroed output (None: the default config, which splits K for (3, 48, 1024))."""
     x = rand(m, k, dtype=dtype, seed=31)
     q, s = quantize.quantize_rows(rand(n, k, seed=32))
     config = None if split is None else int8_mm.MmConfig(block_n=32, block_k=64, split_k=split)
@@ -362,13 +362,14 @@ def test_int8_mm_matches_the_dequantized_product(dtype, m, n, k, split):
     assert rel_err(y, reference) < TOL[dtype] and rel_err(int8_mm.int8_mm_torch(x, q, s), reference) < 1e-6
 
 
-def test_int8_mm_default_split_fills_the_gpu_on_long_reductions():
-    sms = 132  # an H100
-    assert int8_mm.default_config(16, 2048, 8192, sms).split_k == 8  # down projection: 32 column blocks
-    assert int8_mm.default_config(16, 2048, 2048, sms).split_k == 8
-    assert int8_mm.default_config(16, 8192, 2048, sms).split_k == 2
-    assert int8_mm.default_config(16, 128256, 2048, sms).split_k == 1  # the head: 2,004 blocks already
-    assert int8_mm.default_config(16, 2048, 200, sms).split_k == 1  # K not a multiple of two tiles: no split
+def test_int8_mm_default_configs_follow_the_sweep():
+    assert int8_mm.default_config(16, 2048, 8192).split_k == 4  # down projections: K split four ways
+    assert int8_mm.default_config(16, 2048, 6144).split_k == 4
+    for n, k in [(3072, 2048), (2048, 2048), (8192, 2048), (2048, 200)]:  # the others: none (atomics cost)
+        assert int8_mm.default_config(16, n, k) == int8_mm.MmConfig(block_n=32, block_k=256)
+    head = int8_mm.default_config(16, 128256, 2048)
+    assert (head.block_n, head.split_k, head.num_stages) == (64, 1, 3)
+    assert int8_mm.default_config(17, 2048, 2048).block_m == 32
 
 
 def test_int8_mm_refuses_what_it_cannot_multiply():

@@ -10,10 +10,13 @@
     stream_gemv.py the same GEMVs for bf16/fp16 weights on NVIDIA sm_90+, not Triton: CUDA C++ (stream_gemv.cu)
                    compiled at run time by NVRTC, a producer warp bulk-copying the weights into shared memory; the
                    default there (faster on an H200, BENCHMARKS.md); tested against the reference on GPUs only
+    int8_mm.py     batches > 1 with int8 weights (`--precision int8`): a small-batch product on the tensor cores
+                   (`tl.dot`), each int8 weight read once for the batch
 
-Every kernel reads bf16/fp16/fp32 and accumulates in fp32; matrix tiles are reduced with multiply-and-sum rather
-than `tl.dot` (batch-1 work is bandwidth-bound, and the Triton interpreter, which runs these kernels on CPU in CI,
-computes bf16 `tl.dot` wrongly). `--kernels torch` swaps every kernel for its reference.
+Every kernel reads bf16/fp16/fp32 and accumulates in fp32; the batch-1 kernels reduce matrix tiles with
+multiply-and-sum rather than `tl.dot` (batch-1 work is bandwidth-bound, and the Triton interpreter, which runs these
+kernels on CPU in CI, computes bf16 `tl.dot` wrongly; `int8_mm`'s `tl.dot` is therefore tested there at fp32 only).
+`--kernels torch` swaps every kernel for its reference.
 """
 
 from __future__ import annotations
