@@ -98,6 +98,22 @@ def test_decode_report_keeps_every_step_so_its_figures_can_be_checked_by_hand(ma
     assert e2e["bps"] == pytest.approx(1 / total_s) and e2e["sps"] == pytest.approx(1 / total_s)
 
 
+def test_decode_of_a_cache_without_prefill_timing_prints_no_end_to_end_figures(made, tmp_path):
+    """A cache file saved by other code (the `caches` API) need not record how long its prefill took: decode then
+    leaves the end-to-end figures out rather than inventing a prefill time."""
+    from caches import load_cache, save_cache
+
+    _, cache, _ = made
+    untimed = load_cache(cache)
+    untimed.prefill.pop("timing")
+    save_cache(untimed, tmp_path / "untimed.safetensors")
+    result = invoke("decode", "--cache", tmp_path / "untimed.safetensors", "-n", 4, "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert "Decode (cpu fp32" in result.stdout and "End to end" not in result.stdout
+    timing = json.loads((tmp_path / "r.json").read_text())["timing"]
+    assert timing["prefill"] is None and timing["end_to_end"] is None and timing["decode"]["tps"] > 0
+
+
 def test_prompt_from_stdin_and_batch(made, tmp_path):
     folder, _, _ = made
     out = tmp_path / "b.safetensors"
