@@ -50,6 +50,34 @@ def tiny_model(tmp_path_factory):
     return get
 
 
+def invoke(*args, input=None):
+    """The `portable` command line in this process (typer's CliRunner), arguments as strings."""
+    from typer.testing import CliRunner
+
+    from portable.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)
+
+
+def one_line_error(result, code=2) -> str:
+    """A CliRunner result that failed as bad input must: exit `code`, one `error: ` line on stderr, no traceback."""
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def made(tiny_model, tmp_path_factory):
+    """A tiny Llama and a cache file prefilled from it by `portable prefill`."""
+    folder = tiny_model("llama")
+    cache = tmp_path_factory.mktemp("cli") / "c.safetensors"
+    result = invoke("prefill", "--model", folder, "--out", cache)
+    assert result.exit_code == 0, result.output
+    return folder, cache, result
+
+
 def run_cli(*args: str, cwd: Path | None = None, check: bool = True,
             unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """Run a project command in a fresh Python process (as a user would), without the environment variables `unset`."""

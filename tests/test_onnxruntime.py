@@ -15,7 +15,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 import backends
 from backends import onnx_export
@@ -23,27 +22,13 @@ from backends import onnxruntime as ort_backend
 from caches import load_cache
 from portable import architectures, models, pipeline
 from portable.artifacts import read_manifest
-from portable.cli import app
 from portable.config import RunConfig
 from portable.errors import PortableError
-from tests.conftest import read_json, run_cli
+from tests.conftest import invoke, one_line_error, read_json, run_cli
 from tests.models import PROMPTS, TINY_CONFIGS
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 NEW = 24
-cli = CliRunner()
-
-
-def invoke(*args):
-    return cli.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, code=2) -> str:
-    assert result.exit_code == code, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 def artifact_folders(root: Path) -> list[Path]:

@@ -16,22 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import backends
 from backends.cpu import CpuBackend
 from portable import pipeline
-from portable.cli import app
 from portable.config import DEFAULT_PROMPT, RunConfig, SamplingConfig
+from tests.conftest import invoke, one_line_error
 from tests.models import PROMPTS
 
 NEW = 16
 TEST_PROMPTS = (*PROMPTS, DEFAULT_PROMPT)
-cli = CliRunner()
-
-
-def invoke(*args):
-    return cli.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -293,14 +287,6 @@ def test_matrix_exits_1_when_a_row_hits_an_unexpected_error(caches, broken):
     assert "| crashing | fp32 | c0.safetensors | error |" in result.stdout
     assert "unexpected RuntimeError: kernel exploded" in result.stdout
     assert "| cpu | fp32 | c0.safetensors | exact |" in result.stdout  # the matrix went on
-
-
-def one_line_error(result, code=2) -> str:
-    assert result.exit_code == code, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 def test_matrix_bad_input_is_a_one_line_error(caches, tmp_path):
