@@ -349,8 +349,8 @@ class FastDecoder:
         eps, off, b = self.eps, self.offset, self.shape[0]
         for i, layer in enumerate(self.layers):
             x = rmsnorm(self.h, layer.ln1, eps, off, out_dtype=self.dtype)
-            if layer.int8:
-                self.qkv.copy_(mm(x, layer, "qkv"))
+            if layer.int8:  # copy_ rounds the fp32 sums to the model's dtype itself
+                self.qkv.copy_(self._mm_int8(x, *layer.int8["qkv"]))
             else:
                 torch.matmul(x, layer.wqkv.t(), out=self.qkv)
             self._attend(i, layer)
